@@ -1,0 +1,73 @@
+"""Shared fixtures: real photographs (from scikit-image) and a small, fast config.
+
+GPU tests are marked ``gpu`` and skip cleanly without CUDA; ``--device cuda``
+runs the device-parametrised tests on the GPU too (kornia style).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from server.config import DegradationConfig
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", action="store", default="cpu", help="torch device for device tests: cpu or cuda")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> torch.device:
+    dev = torch.device(pytestconfig.getoption("--device"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda given but no CUDA GPU")
+    return dev
+
+
+def _photo(name: str) -> np.ndarray:
+    import skimage.data as d
+
+    if name == "motorcycle":
+        return d.stereo_motorcycle()[0]
+    return getattr(d, name)()
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory) -> Path:
+    """A small folder of real colour photographs: 6 patches of 360x360 per epoch."""
+    root = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut", "coffee", "rocket", "motorcycle"):  # 1 + 1 + 1 + 2 patches
+        Image.fromarray(_photo(name)).save(root / f"{name}.png")
+    im = Image.fromarray(_photo("astronaut")).resize((760, 400), Image.Resampling.LANCZOS)
+    im.save(root / "z_wide.jpg", quality=95)  # 2 patches, offsets vary in x
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_cfg() -> DegradationConfig:
+    """The spec's degradation with short video batches, so engine tests stay fast on 2 cores."""
+    return DegradationConfig(video_batch_size=4, first_batch_range=(2, 4))
+
+
+@pytest.fixture(scope="session")
+def photo_patches() -> np.ndarray:
+    """Eight real 360x360 uint8 crops (NHWC)."""
+    out = []
+    for name in ("astronaut", "coffee", "rocket", "motorcycle"):
+        img = _photo(name)
+        out.append(img[:360, :360])
+        out.append(img[-360:, -360:])
+    return np.stack(out)
