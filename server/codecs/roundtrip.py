@@ -1,0 +1,115 @@
+"""The video compression block as the pipeline calls it: one batch in, the
+decoded batch plus a record of what was actually applied out.
+
+Codec failures must not cost frames or stop a training run, and must not be
+hidden either: a failing round trip is retried once, then replaced by a
+known-good software H.264 encode, and the record says so
+(``codec_failure``, ``fallback``).  Only when even that fails does the
+caller see :class:`CodecError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .base import CRF_LIMITS, CodecBackend, CodecError, VideoParams
+from .software import SoftwareBackend
+
+#: The fallback when the caller gives none: the spec's most common codec at
+#: the middle of its CRF range, default preset.
+FALLBACK_CODEC = "libx264"
+FALLBACK_CRF = 26
+FALLBACK_PRESET = "medium"
+
+_SOFTWARE = SoftwareBackend()
+
+
+def available_backends() -> dict[str, CodecBackend]:
+    """Backends usable on this machine, by name; "software" is always there."""
+    return {"software": _SOFTWARE}
+
+
+def default_fallback(params: VideoParams) -> VideoParams:
+    """libx264, CRF 26 (clamped into x264's range), preset medium, same fps/aspect."""
+    lo, hi = CRF_LIMITS[FALLBACK_CODEC]
+    return VideoParams(
+        codec=FALLBACK_CODEC,
+        fps=params.fps,
+        aspect_ratio=params.aspect_ratio,
+        crf=min(max(FALLBACK_CRF, lo), hi),
+        bitrate_kbps=None,
+        preset=FALLBACK_PRESET,
+    )
+
+
+def _attempt(backend: CodecBackend, frames: np.ndarray, params: VideoParams) -> np.ndarray:
+    """One round trip; a result of the wrong shape counts as a codec failure."""
+    out = backend.roundtrip(frames, params)
+    if not isinstance(out, np.ndarray) or out.shape != frames.shape or out.dtype != np.uint8:
+        got = getattr(out, "shape", type(out).__name__)
+        raise CodecError(f"{params.codec}: {backend.name} returned {got} for {frames.shape}")
+    return out
+
+
+def _failure_text(params: VideoParams, error: CodecError) -> str:
+    """``"<codec>: <message>"`` without repeating the codec the message may start with."""
+    msg = str(error)
+    prefix = f"{params.codec}: "
+    return msg if msg.startswith(prefix) else prefix + msg
+
+
+def _record(backend_name: str, params: VideoParams, failure: str | None) -> dict[str, Any]:
+    return {
+        "backend": backend_name,
+        "codec": params.codec,
+        "crf": params.crf,
+        "bitrate_kbps": params.bitrate_kbps,
+        "preset": params.preset,
+        "codec_failure": failure,
+        "fallback": failure is not None,
+    }
+
+
+def compress_video(
+    frames: np.ndarray,
+    params: VideoParams,
+    backend: CodecBackend,
+    fallback_params: VideoParams | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Round-trip ``frames`` through ``params``'s codec on ``backend``.
+
+    Order: the backend (or the software backend when ``backend`` does not
+    support the codec, e.g. MPEG-2 on NVENC); on :class:`CodecError`, the
+    same once more; then ``fallback_params`` (default
+    :func:`default_fallback`) on the software backend.  Returns the frames
+    (same shape as the input, always all N) and the record of what was
+    applied.  Raises :class:`CodecError` when the fallback fails too.
+    """
+    first = backend if backend.supports(params.codec) else _SOFTWARE
+    error: CodecError | None = None
+    for _ in range(2):
+        try:
+            return _attempt(first, frames, params), _record(first.name, params, None)
+        except CodecError as e:
+            error = e
+    assert error is not None
+    failure = _failure_text(params, error)
+
+    fb = fallback_params if fallback_params is not None else default_fallback(params)
+    try:
+        out = _attempt(_SOFTWARE, frames, fb)
+    except CodecError as e:
+        raise CodecError(f"{failure}; fallback {_failure_text(fb, e)}") from e
+    return out, _record(_SOFTWARE.name, fb, failure)
+
+
+__all__ = [
+    "available_backends",
+    "compress_video",
+    "default_fallback",
+    "FALLBACK_CODEC",
+    "FALLBACK_CRF",
+    "FALLBACK_PRESET",
+]
