@@ -54,7 +54,7 @@ class DegradationConfig:
     first_batch_range: tuple[int, int] = (32, 128)
 
     # --- HR target (section 1) ---
-    usm_radius: int = 50  # kernel size 2*radius+1 = 51
+    usm_radius: int = 50  # Real-ESRGAN USMSharp(radius=50): a 51-tap Gaussian, sigma 8
     usm_weight: float = 0.5
     usm_threshold: float = 10.0  # on the 0-255 scale
 

@@ -1,0 +1,173 @@
+"""The standard workload of ``shared/spec/BENCH.md``, all figures from ONE run.
+
+1. engine    - pairs/s made in-process by the worker pool (all cores);
+2. delivered - pairs/s received over gRPC (added with the service);
+3. codec     - the codec round trips alone, same frames and codec parameters, all cores;
+4. naive     - the reference way: PNG files + the ffmpeg CLI twice, same frames and parameters.
+
+The same video batches (full 128-patch batches of real photographs) feed all
+three, so ratios are comparable; absolute numbers on a shared machine are not.
+Per-stage times come from the engine's own stage timers (core-seconds per batch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from server.config import DegradationConfig
+from server.engine import STAGES
+from server.images import ImageFolder
+from server.pool import BatchProducer, default_workers
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def full_batches(producer: BatchProducer, seed: int, count: int, size: int) -> list[tuple[int, int]]:
+    """(epoch, index) of ``count`` full-size video batches, walking epochs from 0."""
+    found: list[tuple[int, int]] = []
+    epoch = 0
+    while len(found) < count:
+        plan = producer.plan(seed, epoch)
+        for k in range(plan.num_batches):
+            if plan.batch_starts[k + 1] - plan.batch_starts[k] == size:
+                found.append((epoch, k))
+                if len(found) == count:
+                    break
+        epoch += 1
+        if epoch > 1000:
+            raise ValueError("the image folder has too few patches for a full video batch")
+    return found
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def run_bench(folder: ImageFolder, cfg: DegradationConfig, *, device: str = "cpu", workers: int | None = None,
+              runs: int = 3, batches: int = 2, seed: int = 0, json_path: Path | None = None,
+              skip_naive: bool = False) -> int:
+    from benchmarks.codec_limit import codec_limit, naive_limit
+    from benchmarks.naive_ffmpeg import ffmpeg_available
+
+    runs = max(1, runs)
+    nworkers = default_workers() if workers is None else workers
+    per_run = max(batches, max(1, nworkers))  # every worker gets work in each run
+    print(f"bench: {runs} runs x {per_run} video batches of {cfg.video_batch_size} patches "
+          f"({cfg.patch_size}->{cfg.lr_size}), {nworkers} workers, device {device}", flush=True)
+    results: dict[str, Any] = {
+        "machine": {"cores": os.cpu_count(), "gpu": _gpu_name(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "commit": _git_commit(),
+        "workload": {"patch_size": cfg.patch_size, "lr_size": cfg.lr_size, "video_batch": cfg.video_batch_size,
+                     "profile": cfg.profile, "batches_per_run": per_run, "runs": runs, "workers": nworkers},
+    }
+    with BatchProducer(folder, cfg, workers=nworkers, device=device, keep_precodec=True) as producer:
+        chosen = full_batches(producer, seed, per_run * (runs + 1), cfg.video_batch_size)
+        groups = [chosen[i * per_run:(i + 1) * per_run] for i in range(runs + 1)]
+        engine_rates: list[float] = []
+        stage_sum = {s: 0.0 for s in STAGES}
+        stage_batches = 0
+        codec_inputs = []
+        for r, group in enumerate(groups):  # group 0 = warm-up
+            t0 = time.perf_counter()
+            n = 0
+            for epoch in sorted({e for e, _ in group}):
+                idx = [k for e, k in group if e == epoch]
+                for res in producer.produce(seed, epoch, idx):
+                    n += len(res)
+                    if r > 0:
+                        for s, v in res.timings.items():
+                            stage_sum[s] = stage_sum.get(s, 0.0) + v
+                        stage_batches += 1
+                        if res.precodec is not None:
+                            codec_inputs.append((res.precodec, res.video))
+            dt = time.perf_counter() - t0
+            if r > 0:
+                engine_rates.append(n / dt)
+                print(f"  engine run {r}: {n} pairs in {dt:.2f} s = {n / dt:.1f} pairs/s", flush=True)
+        peak_kib = _vm_hwm_kib(os.getpid()) + sum(_vm_hwm_kib(p) for p in producer.worker_pids())
+    results["engine"] = _summary(engine_rates)
+    results["engine"]["peak_memory_gib"] = peak_kib / 2**20
+    results["stages_s_per_batch"] = {s: v / max(1, stage_batches) for s, v in stage_sum.items()}
+
+    # the codec stage alone and the naive baseline, on the very frames and parameters the engine used
+    one_run = codec_inputs[: max(1, len(codec_inputs) // runs)]
+    if not one_run:
+        print("  (no video-ending batch among the chosen ones: codec figures skipped)")
+    else:
+        rates = [codec_limit(one_run, workers=max(1, nworkers))["pairs_per_s"] for _ in range(runs)]
+        results["codec_limit"] = _summary(rates)
+        if skip_naive:
+            results["naive"] = None
+        elif not ffmpeg_available():
+            print("  naive baseline skipped: the ffmpeg command-line tool is not installed (apt-get install ffmpeg)")
+            results["naive"] = None
+        else:
+            rates = [naive_limit(one_run, workers=max(1, nworkers))["pairs_per_s"] for _ in range(runs)]
+            results["naive"] = _summary(rates)
+        results["codec_mix"] = [v.codec for _, v in one_run]
+    _print_table(results)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2))
+        print(f"results -> {json_path}")
+    return 0
+
+
+def _print_table(res: dict[str, Any]) -> None:
+    m = res["machine"]
+    print()
+    print(f"machine: {m['cores']} cores, GPU {m['gpu'] or 'none'}; commit {res['commit']}; "
+          f"profile {res['workload']['profile']}")
+    print(f"{'figure':<34}{'median':>10}{'min':>10}{'max':>10}   pairs/s")
+    rows = [("1. engine (in-process, all cores)", res.get("engine")),
+            ("3. codec limit (in-memory, all cores)", res.get("codec_limit")),
+            ("4. naive (PNG + ffmpeg CLI)", res.get("naive"))]
+    for name, s in rows:
+        if s:
+            print(f"{name:<34}{s['median']:>10.1f}{s['min']:>10.1f}{s['max']:>10.1f}")
+        else:
+            print(f"{name:<34}{'-':>10}")
+    e, c, nv = res.get("engine"), res.get("codec_limit"), res.get("naive")
+    if e and c:
+        print(f"engine / codec limit = {e['median'] / c['median']:.2f}")
+    if c and nv:
+        print(f"codec in memory / naive = {c['median'] / nv['median']:.2f}")
+    if e and nv:
+        print(f"engine / naive = {e['median'] / nv['median']:.2f}")
+    if e:
+        print(f"peak memory of the engine (main + workers, VmHWM): {e['peak_memory_gib']:.2f} GiB")
+    print("\nper-stage time (core-seconds per video batch):")
+    stages = res.get("stages_s_per_batch", {})
+    total = sum(stages.values()) or 1.0
+    for s, v in stages.items():
+        print(f"  {s:<8}{v:>8.3f} s  {100 * v / total:5.1f} %")

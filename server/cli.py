@@ -1,0 +1,257 @@
+"""``degrade`` - the command line of the degradation engine.
+
+    degrade sample-data DIR          write the built-in sample photographs
+    degrade generate --out OUT       degrade a folder into LR/HR/USM PNGs + records.jsonl
+    degrade preview --out sheet.png  a contact sheet of HR/LR pairs with their codecs
+    degrade bench                    the standard workload of BENCH.md (engine, codec limit, naive)
+    degrade demo --out OUT           sample data -> a few hundred pairs -> preview sheet
+
+Every command that needs images uses the built-in sample photographs when
+``--images`` is not given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+from .config import PROFILES, ConfigError, DegradationConfig
+
+log = logging.getLogger("degrade")
+
+
+# ---------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser, *, out_required: bool = False) -> None:
+    p.add_argument("--images", type=Path, default=None,
+                   help="folder of HR images (>= 360 px on the short side); default: built-in sample photographs")
+    p.add_argument("--seed", type=int, default=0, help="run seed (default 0); with epoch and batch it fixes every draw")
+    p.add_argument("--epoch", type=int, default=0, help="first epoch to produce (default 0)")
+    p.add_argument("--profile", choices=PROFILES, default="vcisr",
+                   help="vcisr = the paper (default); vcisr-code = the authors' code quirks (spec section 7)")
+    p.add_argument("--config", type=Path, default=None, help="TOML or YAML file of config overrides")
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: one per core; 0 = in-process)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="degrade",
+        description="Fast in-memory VCISR degradation: real-world LR/HR training pairs with blur, resize, "
+                    "noise, JPEG and video-codec (MPEG-2/MPEG-4/H.264/H.265) artifacts.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  degrade demo --out out\n  degrade generate --images photos/ --out pairs/ --limit 1000\n"
+               "  degrade preview --out sheet.png --n 24\n  degrade bench --runs 3",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("sample-data", help="write the built-in sample photographs (from scikit-image) to DIR")
+    p.add_argument("dir", type=Path, help="output folder")
+
+    p = sub.add_parser("generate", help="degrade images into OUT/lr, OUT/hr, OUT/hr_usm PNGs and OUT/records.jsonl")
+    _common(p)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--limit", type=int, default=None,
+                   help="stop after N pairs (continuing into later epochs if needed); default: one whole epoch")
+    p.add_argument("--no-usm", action="store_true", help="skip the sharpened HR target")
+
+    p = sub.add_parser("preview", help="contact sheet of HR / LR pairs labelled with codec, quality and ending")
+    _common(p)
+    p.add_argument("--out", type=Path, default=Path("preview.png"), help="PNG to write (default preview.png)")
+    p.add_argument("--n", type=int, default=24, help="number of pairs (default 24)")
+    p.add_argument("--per-batch", type=int, default=4, help="pairs taken from each video batch (default 4)")
+
+    p = sub.add_parser("bench", help="standard workload of shared/spec/BENCH.md: engine vs codec limit vs naive")
+    _common(p)
+    p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (default 3)")
+    p.add_argument("--batches", type=int, default=2, help="video batches per timed run (default 2)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    p.add_argument("--skip-naive", action="store_true", help="skip the PNG + ffmpeg CLI baseline")
+
+    p = sub.add_parser("demo", help="sample data -> a few hundred pairs (progress bar) -> preview sheet")
+    _common(p)
+    p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default out)")
+    p.add_argument("--limit", type=int, default=300, help="pairs to generate (default 300)")
+    return parser
+
+
+# ---------------------------------------------------------------------------
+def load_config(args: argparse.Namespace) -> DegradationConfig:
+    if args.config is not None:
+        cfg = DegradationConfig.from_file(args.config)
+        if args.profile != "vcisr":
+            cfg = DegradationConfig.for_profile(args.profile, **{k: v for k, v in cfg.to_dict().items()
+                                                                 if k != "profile"})
+        return cfg
+    return DegradationConfig.for_profile(args.profile)
+
+
+def open_images(args: argparse.Namespace, cfg: DegradationConfig):
+    from .images import ImageFolder
+    from .sample_data import ensure_sample_data
+
+    root = args.images if args.images is not None else ensure_sample_data(progress=True)
+    folder = ImageFolder(root, cfg.patch_size)
+    log.info("images: %s - %d usable, %d skipped", root, len(folder.images), len(folder.skipped))
+    return folder
+
+
+def iter_batches(producer, seed: int, first_epoch: int, limit: int | None, want_usm: bool) -> Iterator:
+    """Batches from ``first_epoch`` on until ``limit`` pairs (or one epoch when limit is None)."""
+    produced = 0
+    epoch = first_epoch
+    while True:
+        plan = producer.plan(seed, epoch)
+        if plan.num_batches == 0:
+            return
+        needed = plan.num_patches if limit is None else limit - produced
+        indices = []
+        count = 0
+        for k in range(plan.num_batches):
+            if count >= needed:
+                break
+            indices.append(k)
+            count += plan.batch_starts[k + 1] - plan.batch_starts[k]
+        for result in producer.produce(seed, epoch, indices, want_usm=want_usm):
+            take = min(len(result), (limit - produced) if limit is not None else len(result))
+            yield plan, result, take
+            produced += take
+        epoch += 1
+        if limit is None or produced >= limit:
+            return
+
+
+def cmd_generate(args: argparse.Namespace, cfg: DegradationConfig) -> int:
+    from PIL import Image
+    from tqdm import tqdm
+
+    from .pool import BatchProducer
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit must be a positive number of pairs")
+    folder = open_images(args, cfg)
+    out: Path = args.out
+    dirs = {k: out / k for k in (("lr", "hr") if args.no_usm else ("lr", "hr", "hr_usm"))}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    total = args.limit
+    with BatchProducer(folder, cfg, workers=args.workers, device=args.device) as producer:
+        if total is None:
+            total = producer.plan(args.seed, args.epoch).num_patches
+        bar = tqdm(total=total, desc="pairs", unit="pair", dynamic_ncols=True)
+        t0 = time.perf_counter()
+        written = 0
+        failures = 0
+        with (out / "records.jsonl").open("w") as rec_file, ThreadPoolExecutor(max_workers=2) as writer:
+            pending = []
+            for plan, result, take in iter_batches(producer, args.seed, args.epoch, args.limit, not args.no_usm):
+                failures += result.codec_failures
+                for i in range(take):
+                    rec = result.records[i]
+                    k = plan.batch_starts[result.batch_index] + i
+                    name = f"{plan.epoch:03d}_{k:06d}.png"
+                    rec = {**rec, "file": name}
+                    rec_file.write(json.dumps(rec) + "\n")
+                    arrays = {"lr": result.lr[i], "hr": result.hr[i]}
+                    if not args.no_usm:
+                        arrays["hr_usm"] = result.hr_usm[i]
+                    for key, arr in arrays.items():
+                        pending.append(writer.submit(
+                            lambda a, p: Image.fromarray(a).save(p, compress_level=1), arr, dirs[key] / name))
+                written += take
+                bar.update(take)
+                bar.set_postfix(epoch=plan.epoch, batch=result.batch_index)
+                for f in pending:
+                    f.result()
+                pending.clear()
+        bar.close()
+        dt = time.perf_counter() - t0
+    print(f"{written} pairs in {dt:.1f} s: {written / dt:.1f} pairs/s -> {out}"
+          + (f" ({failures} codec failure(s) recorded)" if failures else ""))
+    return 0
+
+
+def cmd_preview(args: argparse.Namespace, cfg: DegradationConfig) -> int:
+    from tqdm import tqdm
+
+    from .pool import BatchProducer
+    from .preview import contact_sheet
+
+    if args.n < 1 or args.per_batch < 1:
+        raise ConfigError("--n and --per-batch must be positive")
+    folder = open_images(args, cfg)
+    hr, lr, recs = [], [], []
+    bar = tqdm(total=args.n, desc="preview pairs", unit="pair")
+    with BatchProducer(folder, cfg, workers=args.workers, device=args.device) as producer:
+        epoch = args.epoch
+        while len(lr) < args.n:
+            plan = producer.plan(args.seed, epoch)
+            if plan.num_batches == 0:
+                raise ConfigError("the image folder yields no patches")
+            want = min(plan.num_batches, -(-(args.n - len(lr)) // args.per_batch))
+            for result in producer.produce(args.seed, epoch, range(want), want_usm=False):
+                n = len(result)
+                for j in range(min(args.per_batch, n, args.n - len(lr))):
+                    i = (j * n) // args.per_batch
+                    hr.append(result.hr[i])
+                    lr.append(result.lr[i])
+                    recs.append(result.records[i])
+                    bar.update(1)
+            epoch += 1
+    bar.close()
+    path = contact_sheet(hr, lr, recs, args.out, columns=4,
+                         title=f"VCISR degradation ({cfg.profile}) - HR | LR x4, seed {args.seed}")
+    print(f"preview of {len(lr)} pairs -> {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, cfg: DegradationConfig) -> int:
+    out: Path = args.out
+    gen_args = argparse.Namespace(**{**vars(args), "out": out / "pairs", "no_usm": False})
+    cmd_generate(gen_args, cfg)
+    prev_args = argparse.Namespace(**{**vars(args), "out": out / "preview.png", "n": 16, "per_batch": 4})
+    cmd_preview(prev_args, cfg)
+    print(f"demo done: pairs in {out / 'pairs'}, contact sheet {out / 'preview.png'}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, cfg: DegradationConfig) -> int:
+    from benchmarks.bench import run_bench
+
+    folder = open_images(args, cfg)
+    return run_bench(folder, cfg, device=args.device, workers=args.workers, runs=args.runs,
+                     batches=args.batches, seed=args.seed, json_path=args.json, skip_naive=args.skip_naive)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "sample-data":
+            from .sample_data import write_sample_data
+
+            files = write_sample_data(args.dir, progress=True)
+            print(f"{len(files)} sample photographs in {args.dir}")
+            return 0
+        cfg = load_config(args)
+        log.info("config: %s", cfg.to_json())
+        return {"generate": cmd_generate, "preview": cmd_preview, "bench": cmd_bench, "demo": cmd_demo}[
+            args.command](args, cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"degrade: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("degrade: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

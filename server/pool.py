@@ -1,0 +1,165 @@
+"""The worker pool: every core busy, memory bounded.
+
+Measured on the 2-core development machine (see README "Performance"): the
+codecs hold the GIL for part of their work and the torch image stages are
+most efficient single-threaded per patch batch, so the pool runs one
+single-threaded worker *process* per core, each making whole video batches.
+At most ``workers + prefetch`` batches are in flight, so a slow consumer slows
+production instead of growing memory.  ``workers=0`` runs inline in the
+calling thread (tests, debugging, CUDA).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Iterable, Iterator
+
+import torch
+
+from .config import DegradationConfig
+from .engine import BatchResult, Engine
+from .epoch_plan import EpochPlan, PatchRef, make_epoch_plan
+from .images import ImageFolder, ImageInfo
+
+log = logging.getLogger(__name__)
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# --- worker process state -------------------------------------------------
+_WORKER: dict = {}
+
+
+def _init_worker(root: str, images: list[ImageInfo], cfg_dict: dict, device: str, threads: int,
+                 keep_precodec: bool) -> None:
+    torch.set_num_threads(threads)
+    cfg = DegradationConfig.from_dict(cfg_dict)
+    _WORKER["folder"] = ImageFolder(root, cfg.patch_size, images=images)
+    _WORKER["engine"] = Engine(cfg, device=device, keep_precodec=keep_precodec)
+
+
+def _work(seed: int, epoch: int, index: int, refs: tuple[PatchRef, ...], want_hr: bool,
+          want_usm: bool) -> BatchResult:
+    return _WORKER["engine"].make_batch_from_refs(_WORKER["folder"], seed, epoch, index, refs,
+                                                  want_hr=want_hr, want_usm=want_usm)
+
+
+class BatchProducer:
+    """Makes video batches for (seed, epoch, indices) on a pool of worker processes."""
+
+    def __init__(self, folder: ImageFolder, cfg: DegradationConfig, *, workers: int | None = None,
+                 device: str = "cpu", prefetch: int | None = None, keep_precodec: bool = False):
+        self.folder = folder
+        self.keep_precodec = keep_precodec
+        self.cfg = cfg
+        self.device = device
+        self.workers = default_workers() if workers is None else max(0, int(workers))
+        if device != "cpu" and self.workers > 0:
+            log.info("device %s: running the engine in-process (one GPU feeder)", device)
+            self.workers = 0
+        self.prefetch = self.workers if prefetch is None else max(0, prefetch)
+        self._plans: OrderedDict[tuple[int, int], EpochPlan] = OrderedDict()
+        self._pool: ProcessPoolExecutor | None = None
+        self._engine: Engine | None = None
+
+    # ------------------------------------------------------------------
+    def plan(self, seed: int, epoch: int) -> EpochPlan:
+        key = (seed, epoch)
+        if key not in self._plans:
+            self._plans[key] = make_epoch_plan(self.folder.images, self.cfg, seed, epoch)
+            while len(self._plans) > 4:
+                self._plans.popitem(last=False)
+        return self._plans[key]
+
+    def _ensure_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            threads = max(1, default_workers() // max(1, self.workers))
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=mp.get_context("forkserver"),
+                initializer=_init_worker,
+                initargs=(str(self.folder.root), self.folder.images, self.cfg.to_dict(), self.device, threads,
+                          self.keep_precodec),
+            )
+        return self._pool
+
+    def produce(self, seed: int, epoch: int, indices: Iterable[int], *, want_hr: bool = True,
+                want_usm: bool = True) -> Iterator[BatchResult]:
+        """Yield the batches of ``indices`` in order, at most workers + prefetch in flight."""
+        plan = self.plan(seed, epoch)
+        indices = list(indices)
+        for k in indices:
+            if not 0 <= k < plan.num_batches:
+                raise IndexError(f"video batch {k} out of range: epoch {epoch} has {plan.num_batches} batches")
+        if self.workers == 0:
+            if self._engine is None:
+                self._engine = Engine(self.cfg, device=self.device, keep_precodec=self.keep_precodec)
+            for k in indices:
+                yield self._engine.make_batch(self.folder, plan, k, want_hr=want_hr, want_usm=want_usm)
+            return
+        window = self.workers + self.prefetch
+        pending: deque[tuple[int, Future]] = deque()
+        todo = iter(indices)
+        restarted: set[int] = set()
+
+        def submit(k: int) -> None:
+            pending.append((k, self._ensure_pool().submit(_work, seed, epoch, k, plan.batch(k), want_hr, want_usm)))
+
+        try:
+            for k in todo:
+                submit(k)
+                if len(pending) >= window:
+                    break
+            while pending:
+                k, fut = pending.popleft()
+                try:
+                    result = fut.result()
+                except BrokenProcessPool:
+                    if k in restarted:
+                        raise RuntimeError(f"batch {k} killed its worker process twice; giving up") from None
+                    restarted.add(k)
+                    log.error("a worker process died while making batch %d; restarting the pool", k)
+                    retry = [k] + [other for other, _ in pending]
+                    pending.clear()
+                    self._restart()
+                    for r in retry:
+                        submit(r)
+                    continue
+                for nxt in todo:
+                    submit(nxt)
+                    break
+                yield result
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+
+    def _restart(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the live worker processes (for memory accounting)."""
+        procs = getattr(self._pool, "_processes", None) or {}
+        return list(procs)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> "BatchProducer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
