@@ -93,29 +93,30 @@ def run_bench(folder: ImageFolder, cfg: DegradationConfig, *, device: str = "cpu
     with BatchProducer(folder, cfg, workers=nworkers, device=device, keep_precodec=True) as producer:
         chosen = full_batches(producer, seed, per_run * (runs + 1), cfg.video_batch_size)
         groups = [chosen[i * per_run:(i + 1) * per_run] for i in range(runs + 1)]
-        engine_rates: list[float] = []
+        engine_rates: dict[bool, list[float]] = {True: [], False: []}
         stage_sum = {s: 0.0 for s in STAGES}
         stage_batches = 0
         codec_inputs = []
-        for r, group in enumerate(groups):  # group 0 = warm-up
-            t0 = time.perf_counter()
-            n = 0
-            for epoch in sorted({e for e, _ in group}):
-                idx = [k for e, k in group if e == epoch]
-                for res in producer.produce(seed, epoch, idx):
+        for with_usm in (True, False):
+            for r, group in enumerate(groups):  # group 0 = warm-up
+                t0 = time.perf_counter()
+                n = 0
+                for res in producer.produce_jobs(seed, group, want_usm=with_usm):
                     n += len(res)
-                    if r > 0:
+                    if r > 0 and with_usm:
                         for s, v in res.timings.items():
                             stage_sum[s] = stage_sum.get(s, 0.0) + v
                         stage_batches += 1
                         if res.precodec is not None:
                             codec_inputs.append((res.precodec, res.video))
-            dt = time.perf_counter() - t0
-            if r > 0:
-                engine_rates.append(n / dt)
-                print(f"  engine run {r}: {n} pairs in {dt:.2f} s = {n / dt:.1f} pairs/s", flush=True)
+                dt = time.perf_counter() - t0
+                if r > 0:
+                    engine_rates[with_usm].append(n / dt)
+                    print(f"  engine run {r} ({'with' if with_usm else 'without'} USM target): {n} pairs in "
+                          f"{dt:.2f} s = {n / dt:.1f} pairs/s", flush=True)
         peak_kib = _vm_hwm_kib(os.getpid()) + sum(_vm_hwm_kib(p) for p in producer.worker_pids())
-    results["engine"] = _summary(engine_rates)
+    results["engine"] = _summary(engine_rates[True])
+    results["engine_no_usm"] = _summary(engine_rates[False])
     results["engine"]["peak_memory_gib"] = peak_kib / 2**20
     results["stages_s_per_batch"] = {s: v / max(1, stage_batches) for s, v in stage_sum.items()}
 
@@ -148,15 +149,16 @@ def _print_table(res: dict[str, Any]) -> None:
     print()
     print(f"machine: {m['cores']} cores, GPU {m['gpu'] or 'none'}; commit {res['commit']}; "
           f"profile {res['workload']['profile']}")
-    print(f"{'figure':<34}{'median':>10}{'min':>10}{'max':>10}   pairs/s")
+    print(f"{'figure':<40}{'median':>10}{'min':>10}{'max':>10}   pairs/s")
     rows = [("1. engine (in-process, all cores)", res.get("engine")),
+            ("1b. engine, no USM target", res.get("engine_no_usm")),
             ("3. codec limit (in-memory, all cores)", res.get("codec_limit")),
             ("4. naive (PNG + ffmpeg CLI)", res.get("naive"))]
     for name, s in rows:
         if s:
-            print(f"{name:<34}{s['median']:>10.1f}{s['min']:>10.1f}{s['max']:>10.1f}")
+            print(f"{name:<40}{s['median']:>10.1f}{s['min']:>10.1f}{s['max']:>10.1f}")
         else:
-            print(f"{name:<34}{'-':>10}")
+            print(f"{name:<40}{'-':>10}")
     e, c, nv = res.get("engine"), res.get("codec_limit"), res.get("naive")
     if e and c:
         print(f"engine / codec limit = {e['median'] / c['median']:.2f}")

@@ -104,28 +104,27 @@ def open_images(args: argparse.Namespace, cfg: DegradationConfig):
 
 
 def iter_batches(producer, seed: int, first_epoch: int, limit: int | None, want_usm: bool) -> Iterator:
-    """Batches from ``first_epoch`` on until ``limit`` pairs (or one epoch when limit is None)."""
-    produced = 0
+    """(plan, batch, pairs to keep) from ``first_epoch`` on until ``limit`` pairs (one epoch when None)."""
+    jobs: list[tuple[int, int]] = []
+    count = 0
     epoch = first_epoch
     while True:
         plan = producer.plan(seed, epoch)
         if plan.num_batches == 0:
-            return
-        needed = plan.num_patches if limit is None else limit - produced
-        indices = []
-        count = 0
+            break
         for k in range(plan.num_batches):
-            if count >= needed:
+            if limit is not None and count >= limit:
                 break
-            indices.append(k)
+            jobs.append((epoch, k))
             count += plan.batch_starts[k + 1] - plan.batch_starts[k]
-        for result in producer.produce(seed, epoch, indices, want_usm=want_usm):
-            take = min(len(result), (limit - produced) if limit is not None else len(result))
-            yield plan, result, take
-            produced += take
+        if limit is None or count >= limit:
+            break
         epoch += 1
-        if limit is None or produced >= limit:
-            return
+    produced = 0
+    for result in producer.produce_jobs(seed, jobs, want_usm=want_usm):
+        take = len(result) if limit is None else min(len(result), limit - produced)
+        yield producer.plan(seed, result.epoch), result, take
+        produced += take
 
 
 def cmd_generate(args: argparse.Namespace, cfg: DegradationConfig) -> int:

@@ -29,6 +29,10 @@ from .seeding import make_generator
 
 log = logging.getLogger(__name__)
 
+#: Patches per step of the HR-size stages. Fixed, because the noise generator is drawn
+#: chunk by chunk: part of what makes a batch's bytes a function of its seed alone.
+CHUNK = 32
+
 #: Stage names, in pipeline order, as reported by timings and the benchmark.
 STAGES = ("load", "usm", "blur1", "resize1", "noise1", "jpeg1", "blur2", "resize2", "noise2",
           "ending", "codec", "pack")
@@ -93,16 +97,23 @@ class Engine:
         self._precodec = None
         with self._stage("load"):
             hr8 = crop_patches(folder, refs, self.cfg.patch_size)
-            hr = torch.from_numpy(hr8).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
-        usm8 = None
-        if want_usm:
-            with self._stage("usm"):
-                sharp = filters.usm_sharpen(hr, weight=self.cfg.usm_weight, threshold=self.cfg.usm_threshold,
-                                            radius=self.cfg.usm_radius)
-                usm8 = to_uint8_nhwc(sharp)
         params = sample_batch_params(self.cfg, len(refs), make_generator(seed, epoch, index, "params"))
         noise_gen = make_generator(seed, epoch, index, "noise", device=self.device)
-        lr8, codec_info = self.degrade(hr, params, noise_gen)
+        usm8 = np.empty_like(hr8) if want_usm else None
+        pieces = []
+        for lo in range(0, len(refs), CHUNK):  # bounded memory: HR-size tensors exist for CHUNK patches only
+            hi = min(lo + CHUNK, len(refs))
+            with self._stage("load"):
+                hr = torch.from_numpy(hr8[lo:hi]).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+            if usm8 is not None:
+                with self._stage("usm"):
+                    sharp = filters.usm_sharpen(hr, weight=self.cfg.usm_weight, threshold=self.cfg.usm_threshold,
+                                                radius=self.cfg.usm_radius)
+                    usm8[lo:hi] = to_uint8_nhwc(sharp)
+                    del sharp
+            pieces.append(self.degrade_orders(hr, params.slice(lo, hi), noise_gen))
+            del hr
+        lr8, codec_info = self.degrade_ending(torch.cat(pieces), params)
         with self._stage("pack"):
             records = [
                 self._record(seed, epoch, index, i, ref, params, codec_info) for i, ref in enumerate(refs)
@@ -115,8 +126,8 @@ class Engine:
         )
 
     # ------------------------------------------------------------------
-    def degrade(self, hr: torch.Tensor, p: BatchParams, noise_gen: torch.Generator) -> tuple[np.ndarray, dict]:
-        """HR float (n,3,P,P) in [0,1] -> LR uint8 (n,p,p,3) and the codec outcome."""
+    def degrade_orders(self, hr: torch.Tensor, p: BatchParams, noise_gen: torch.Generator) -> torch.Tensor:
+        """First- and second-order degradation (spec sections 3, 4.1-4.3) of HR float (n,3,P,P) in [0,1]."""
         cfg = self.cfg
         out = hr
         with self._stage("blur1"):
@@ -143,6 +154,11 @@ class Engine:
                 out = resize(out, size=size, mode=p.resize2.mode)
         with self._stage("noise2"):
             out = self._noise(out, p.noise2, noise_gen)
+        return out
+
+    def degrade_ending(self, out: torch.Tensor, p: BatchParams) -> tuple[np.ndarray, dict]:
+        """The ending of spec section 4.4 on the whole video batch: LR uint8 (n,p,p,3) and the codec outcome."""
+        cfg = self.cfg
         lr_hw = [cfg.lr_size, cfg.lr_size]
         if p.ending == "v2":
             with self._stage("ending"):

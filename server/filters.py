@@ -230,7 +230,7 @@ def _split(n: int, r: int, b: int):
     lie inside ``[0, n)``, and a last block ``[bf + J b, n)`` (width ``>= r``).
     Returns ``(bf, J)``, or ``None`` if the axis is too short (use one block)."""
     bf = max(b, r)
-    jj = (n - r - bf) // b
+    jj = (n - max(r, 1) - bf) // b  # the last block keeps >= 1 output even for radius 0
     if jj < 2:
         return None
     return bf, jj
@@ -270,7 +270,7 @@ class _SepPlan:
         self.g = None
         if not dense and _split(h, rad, b) is not None:
             bf = max(b, rad)
-            g = (c * h - rad - bf) // b
+            g = (c * h - max(rad, 1) - bf) // b
             bl = c * h - bf - g * b
             if bf + bl <= h:
                 self.g, self.bf, self.bl = g, bf, bl

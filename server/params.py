@@ -209,6 +209,19 @@ class BatchParams:
     final_sinc_omega: torch.Tensor
     jpeg2_quality: torch.Tensor
 
+    def slice(self, lo: int, hi: int) -> "BatchParams":
+        """The parameters of patches ``lo:hi`` (values shared by the batch are kept)."""
+        def cut(d):
+            return type(d)(**{f: (v[lo:hi] if isinstance(v, torch.Tensor) else v) for f, v in vars(d).items()})
+
+        return BatchParams(
+            n=hi - lo, kernel1=cut(self.kernel1), resize1=self.resize1, noise1=cut(self.noise1),
+            jpeg1_quality=self.jpeg1_quality[lo:hi], blur2=self.blur2[lo:hi], kernel2=cut(self.kernel2),
+            resize2=self.resize2, noise2=cut(self.noise2), ending=self.ending, final_mode=self.final_mode,
+            video=self.video, v1_resize_first=self.v1_resize_first, final_sinc=self.final_sinc[lo:hi],
+            final_sinc_omega=self.final_sinc_omega[lo:hi], jpeg2_quality=self.jpeg2_quality[lo:hi],
+        )
+
     def patch_record(self, i: int) -> dict[str, Any]:
         """The spec section 8 parameters of patch ``i`` (codec fields filled by the engine)."""
         v1 = self.ending == "v1"

@@ -95,41 +95,53 @@ class BatchProducer:
 
     def produce(self, seed: int, epoch: int, indices: Iterable[int], *, want_hr: bool = True,
                 want_usm: bool = True) -> Iterator[BatchResult]:
-        """Yield the batches of ``indices`` in order, at most workers + prefetch in flight."""
-        plan = self.plan(seed, epoch)
-        indices = list(indices)
-        for k in indices:
+        """Yield the batches of ``indices`` of one epoch in order (see :meth:`produce_jobs`)."""
+        return self.produce_jobs(seed, [(epoch, k) for k in indices], want_hr=want_hr, want_usm=want_usm)
+
+    def produce_jobs(self, seed: int, jobs: Iterable[tuple[int, int]], *, want_hr: bool = True,
+                     want_usm: bool = True) -> Iterator[BatchResult]:
+        """Yield the batches named by ``(epoch, index)`` pairs, in order, keeping every worker busy
+        across epoch boundaries, with at most workers + prefetch batches in flight."""
+        jobs = list(jobs)
+        for epoch, k in jobs:
+            plan = self.plan(seed, epoch)
             if not 0 <= k < plan.num_batches:
                 raise IndexError(f"video batch {k} out of range: epoch {epoch} has {plan.num_batches} batches")
+        return self._run(seed, jobs, want_hr, want_usm)
+
+    def _run(self, seed: int, jobs: list[tuple[int, int]], want_hr: bool, want_usm: bool) -> Iterator[BatchResult]:
         if self.workers == 0:
             if self._engine is None:
                 self._engine = Engine(self.cfg, device=self.device, keep_precodec=self.keep_precodec)
-            for k in indices:
-                yield self._engine.make_batch(self.folder, plan, k, want_hr=want_hr, want_usm=want_usm)
+            for epoch, k in jobs:
+                yield self._engine.make_batch(self.folder, self.plan(seed, epoch), k, want_hr=want_hr,
+                                              want_usm=want_usm)
             return
         window = self.workers + self.prefetch
-        pending: deque[tuple[int, Future]] = deque()
-        todo = iter(indices)
-        restarted: set[int] = set()
+        pending: deque[tuple[tuple[int, int], Future]] = deque()
+        todo = iter(jobs)
+        restarted: set[tuple[int, int]] = set()
 
-        def submit(k: int) -> None:
-            pending.append((k, self._ensure_pool().submit(_work, seed, epoch, k, plan.batch(k), want_hr, want_usm)))
+        def submit(job: tuple[int, int]) -> None:
+            epoch, k = job
+            refs = self.plan(seed, epoch).batch(k)
+            pending.append((job, self._ensure_pool().submit(_work, seed, epoch, k, refs, want_hr, want_usm)))
 
         try:
-            for k in todo:
-                submit(k)
+            for job in todo:
+                submit(job)
                 if len(pending) >= window:
                     break
             while pending:
-                k, fut = pending.popleft()
+                job, fut = pending.popleft()
                 try:
                     result = fut.result()
                 except BrokenProcessPool:
-                    if k in restarted:
-                        raise RuntimeError(f"batch {k} killed its worker process twice; giving up") from None
-                    restarted.add(k)
-                    log.error("a worker process died while making batch %d; restarting the pool", k)
-                    retry = [k] + [other for other, _ in pending]
+                    if job in restarted:
+                        raise RuntimeError(f"batch {job} killed its worker process twice; giving up") from None
+                    restarted.add(job)
+                    log.error("a worker process died while making batch %s; restarting the pool", job)
+                    retry = [job] + [other for other, _ in pending]
                     pending.clear()
                     self._restart()
                     for r in retry:

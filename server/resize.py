@@ -26,20 +26,33 @@ def _source_index(out_len: int, in_len: int, scale: float, device) -> tuple[torc
 
 def bilinear(x: torch.Tensor, size: tuple[int, int], scales: tuple[float, float] | None = None) -> torch.Tensor:
     """Bilinear resize of ``x (B, C, H, W)`` to ``size``; ``scales`` = input/output step per axis
-    (``1/scale_factor`` when PyTorch would be called with ``scale_factor``; else in/out)."""
+    (``1/scale_factor`` when PyTorch would be called with ``scale_factor``; else in/out).
+
+    One patch (C planes) at a time so the rows stay in cache: faster than PyTorch's
+    own kernel on one thread, and every value is the same sequence of IEEE operations.
+    """
     h, w = x.shape[-2:]
-    oh, ow = size
+    oh, ow = int(size[0]), int(size[1])
     sy, sx = scales if scales is not None else (h / oh, w / ow)
     y0, y1, wy = _source_index(oh, h, sy, x.device)
     x0, x1, wx = _source_index(ow, w, sx, x.device)
     wy = wy.to(x.dtype).view(-1, 1)
-    wx = wx.to(x.dtype)
-    top = x.index_select(-2, y0)
-    bot = x.index_select(-2, y1)
-    rows = top + (bot - top) * wy  # (B, C, oh, W)
-    left = rows.index_select(-1, x0)
-    right = rows.index_select(-1, x1)
-    return left + (right - left) * wx
+    wx = wx.to(x.dtype).view(-1, 1)
+    out = torch.empty(*x.shape[:-2], oh, ow, dtype=x.dtype, device=x.device)
+    planes = x.reshape(-1, h, w)
+    out_planes = out.view(-1, oh, ow)
+    step = x.shape[1] if x.dim() == 4 and x.device.type == "cpu" else planes.shape[0]
+    for i in range(0, planes.shape[0], step):
+        xs = planes[i:i + step]
+        top = xs.index_select(1, y0)
+        rows = xs.index_select(1, y1)
+        rows.sub_(top).mul_(wy).add_(top)  # (c, oh, W): top + (bottom - top) * wy
+        cols = rows.transpose(1, 2).contiguous()  # (c, W, oh)
+        left = cols.index_select(1, x0)
+        right = cols.index_select(1, x1)
+        right.sub_(left).mul_(wx).add_(left)  # (c, ow, oh)
+        out_planes[i:i + step] = right.transpose(1, 2)
+    return out
 
 
 def resize(x: torch.Tensor, *, size: tuple[int, int] | None = None, scale_factor: float | None = None,

@@ -229,3 +229,33 @@ def test_rejects_bad_input():
     with pytest.raises(ValueError):
         blur(torch.rand(3, 8, 8), torch.rand(1, 5, 5))
     assert SINC == 6
+
+
+def test_near_delta_kernels_radius_zero_match_reference():
+    """Tiny sigmas give kernels whose taps beyond the centre are below tolerance
+    (effective radius 0): the banded path must still cover every output pixel."""
+    from server.kernels import build_kernels
+
+    n = 6
+    kind = torch.zeros(n, dtype=torch.long)
+    size = torch.tensor([7, 9, 13, 15, 19, 21])
+    sig = torch.full((n,), 0.2, dtype=torch.float64)
+    k = build_kernels(kind, size, sig, sig, torch.zeros(n), torch.ones(n), torch.ones(n))
+    for hw in (224, 352, 360):  # multiples of the block width left an empty last block
+        x = torch.rand(n, 3, hw, hw, generator=torch.Generator().manual_seed(0))
+        for method in ("auto", "separable"):
+            out = blur(x, k, size, method=method)
+            assert (out - blur_reference(x, k)).abs().max().item() < 1e-4
+
+
+def test_block_split_always_leaves_a_nonempty_last_block():
+    from server.filters import _split
+
+    for n in range(1, 400):
+        for r in range(0, 26):
+            got = _split(n, r, 16)
+            if got is None:
+                continue
+            bf, jj = got
+            last = n - (bf + jj * 16)
+            assert last >= max(r, 1), (n, r, got)
