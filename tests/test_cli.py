@@ -68,3 +68,13 @@ def test_sample_data_is_real_photographs(tmp_path):
     assert arr.std() > 20  # a photograph, not a flat or random image
     # neighbouring pixels are correlated in photographs (they are not in noise)
     assert np.corrcoef(arr[:, :-1, 0].ravel(), arr[:, 1:, 0].ravel())[0, 1] > 0.8
+
+
+def test_python_dash_m_with_worker_processes(photo_dir, tmp_path):
+    """Worker processes re-import the entry module: it must not start the CLI again."""
+    out = tmp_path / "p"
+    proc = subprocess.run([sys.executable, "-m", "server", "generate", "--images", str(photo_dir), "--out", str(out),
+                           "--limit", "7", "--workers", "2", "--no-usm"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len((out / "records.jsonl").read_text().splitlines()) == 7
+    assert len(list((out / "lr").glob("*.png"))) == 7 and not (out / "hr_usm").exists()
