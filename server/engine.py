@@ -241,7 +241,7 @@ class Engine:
             "aspect_ratio": p.video.aspect_ratio if v2 else None,
             "backend": codec["backend"] if v2 else None,
             "codec_failure": codec.get("codec_failure"),
-            "jpeg_impl": "libjpeg-turbo" if self.cfg.jpeg_impl == "libjpeg" else "diffjpeg",
+            "jpeg_impl": jpeg.jpeg_backend(self.device, self.cfg.jpeg_impl),
             "device": self.device.type,
         }
         rec.update(p.patch_record(i))
