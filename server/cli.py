@@ -172,8 +172,13 @@ def cmd_generate(args: argparse.Namespace, cfg: DegradationConfig) -> int:
                 pending.clear()
         bar.close()
         dt = time.perf_counter() - t0
+        lost = producer.failures
     print(f"{written} pairs in {dt:.1f} s: {written / dt:.1f} pairs/s -> {out}"
           + (f" ({failures} codec failure(s) recorded)" if failures else ""))
+    if lost:
+        for (epoch, k), reason in lost:
+            print(f"degrade: video batch {k} of epoch {epoch} was skipped: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -258,7 +258,12 @@ def crop_patches(folder: ImageFolder, refs: tuple[PatchRef, ...], size: int) -> 
     """Stack the HR crops of ``refs`` as uint8 (n, size, size, 3)."""
     out = np.empty((len(refs), size, size, 3), dtype=np.uint8)
     for i, ref in enumerate(refs):
-        img = folder.load(ref.image)
+        try:
+            img = folder.load(ref.image)
+        except ValueError as exc:
+            raise ValueError(f"image {ref.image} became unreadable after the scan: {exc}") from exc
+        if img.shape[0] < ref.y + size or img.shape[1] < ref.x + size:
+            raise ValueError(f"image {ref.image} changed size after the scan ({img.shape[1]}x{img.shape[0]})")
         out[i] = img[ref.y:ref.y + size, ref.x:ref.x + size]
     return out
 

@@ -71,6 +71,8 @@ class BatchProducer:
         self._plans: OrderedDict[tuple[int, int], EpochPlan] = OrderedDict()
         self._pool: ProcessPoolExecutor | None = None
         self._engine: Engine | None = None
+        #: batches that could not be made, as ((epoch, index), reason); the run goes on without them
+        self.failures: list[tuple[tuple[int, int], str]] = []
 
     # ------------------------------------------------------------------
     def plan(self, seed: int, epoch: int) -> EpochPlan:
@@ -114,8 +116,13 @@ class BatchProducer:
             if self._engine is None:
                 self._engine = Engine(self.cfg, device=self.device, keep_precodec=self.keep_precodec)
             for epoch, k in jobs:
-                yield self._engine.make_batch(self.folder, self.plan(seed, epoch), k, want_hr=want_hr,
-                                              want_usm=want_usm)
+                try:
+                    result = self._engine.make_batch(self.folder, self.plan(seed, epoch), k, want_hr=want_hr,
+                                                     want_usm=want_usm)
+                except (ValueError, OSError) as exc:
+                    self._failed((epoch, k), exc)
+                    continue
+                yield result
             return
         window = self.workers + self.prefetch
         pending: deque[tuple[tuple[int, int], Future]] = deque()
@@ -147,6 +154,12 @@ class BatchProducer:
                     for r in retry:
                         submit(r)
                     continue
+                except (ValueError, OSError) as exc:  # e.g. an image changed on disk since the scan
+                    self._failed(job, exc)
+                    for nxt in todo:
+                        submit(nxt)
+                        break
+                    continue
                 for nxt in todo:
                     submit(nxt)
                     break
@@ -154,6 +167,10 @@ class BatchProducer:
         finally:
             for _, fut in pending:
                 fut.cancel()
+
+    def _failed(self, job: tuple[int, int], exc: BaseException) -> None:
+        log.error("video batch %d of epoch %d could not be made and is skipped: %s", job[1], job[0], exc)
+        self.failures.append((job, str(exc)))
 
     def _restart(self) -> None:
         if self._pool is not None:

@@ -78,3 +78,33 @@ def test_python_dash_m_with_worker_processes(photo_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len((out / "records.jsonl").read_text().splitlines()) == 7
     assert len(list((out / "lr").glob("*.png"))) == 7 and not (out / "hr_usm").exists()
+
+
+def test_image_broken_after_scan_skips_its_batch_and_says_so(photo_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from server import images
+
+    src = tmp_path / "imgs"
+    shutil.copytree(photo_dir, src)
+    real_decode = images.decode_rgb8
+    scanned = []
+
+    def decode_then_break(path):  # the scan sees good files; afterwards coffee.png is truncated
+        arr = real_decode(path)
+        scanned.append(path)
+        if len(scanned) == len(list(src.iterdir())):
+            data = (src / "coffee.png").read_bytes()
+            (src / "coffee.png").write_bytes(data[: len(data) // 3])
+        return arr
+
+    monkeypatch.setattr(images, "decode_rgb8", decode_then_break)
+    out = tmp_path / "o"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("video_batch_size = 2\nfirst_batch_range = [2, 2]\n")
+    rc = main(["generate", "--images", str(src), "--out", str(out), "--workers", "0", "--config", str(cfg),
+               "--no-usm"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "coffee.png" in err and "skipped" in err
+    recs = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(recs) == 5 and all(r["image"] != "coffee.png" for r in recs)  # 7 patches, coffee's batch of 2 lost
