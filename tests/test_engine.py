@@ -120,3 +120,27 @@ def test_bad_batch_index_is_an_error(folder, small_cfg):
     producer = BatchProducer(folder, small_cfg, workers=0)
     with pytest.raises(IndexError, match="out of range"):
         list(producer.produce(0, 0, [999]))
+
+
+@pytest.mark.parametrize("profile", ["vcisr", "vcisr-code"])
+@pytest.mark.parametrize("s1, s2", [(0.15, 0.3), (0.5, 1.2), (1.0, 1.0), (1.5, 0.77)])
+def test_resize_sizes_follow_the_spec(photo_patches, profile, s1, s2):
+    """First resize relative to the HR size; second relative to the TARGET size (Real-ESRGAN),
+    or to the current size under the vcisr-code quirk."""
+    from server.params import ResizeDraw, sample_batch_params
+    from server.seeding import make_generator
+
+    cfg = DegradationConfig.for_profile(profile)
+    p = sample_batch_params(cfg, 2, make_generator(0, 0, 0, "params"))
+    p.resize1, p.resize2 = ResizeDraw(s1, "bicubic"), ResizeDraw(s2, "area")
+    hr = torch_from(photo_patches[:2])
+    out = Engine(cfg).degrade_orders(hr, p, make_generator(0, 0, 0, "noise"))
+    first = int(360 * s1)
+    want = int(first * s2) if profile == "vcisr-code" else int(90 * s2)
+    assert tuple(out.shape) == (2, 3, want, want)
+
+
+def torch_from(nhwc):
+    import torch
+
+    return torch.from_numpy(nhwc).permute(0, 3, 1, 2).float() / 255
