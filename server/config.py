@@ -32,8 +32,8 @@ SINC = len(KERNEL_TYPES)
 KERNEL_NAMES = KERNEL_TYPES + ("sinc",)
 
 RESIZE_MODES = ("area", "bilinear", "bicubic")
-CODECS = ("mpeg2video", "mpeg4", "libx264", "libx265")
-PRESETS = ("slow", "medium", "fast", "faster", "superfast")
+# the codec table's names live with the codec contract (pure data, no codec library imported)
+from .codecs.base import CODECS, PRESETS  # noqa: E402
 PROFILES = ("vcisr", "vcisr-code")
 
 

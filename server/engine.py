@@ -21,7 +21,7 @@ import torch
 from . import filters, jpeg, kernels, noise
 from .resize import resize
 from .codecs import CodecBackend, CodecError, SoftwareBackend, compress_video
-from .config import SINC, DegradationConfig
+from .config import DegradationConfig
 from .epoch_plan import EpochPlan, PatchRef
 from .images import ImageFolder
 from .params import BatchParams, KernelDraw, NoiseDraw, sample_batch_params
@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 #: Patches per step of the HR-size stages. Fixed, because the noise generator is drawn
 #: chunk by chunk: part of what makes a batch's bytes a function of its seed alone.
 CHUNK = 32
+
+#: The codec outcome of a batch that went through no codec (V1 ending).
+NO_CODEC = {"backend": None, "codec": None, "crf": None, "bitrate_kbps": None, "preset": None,
+            "codec_failure": None, "fallback": False}
 
 #: Stage names, in pipeline order, as reported by timings and the benchmark.
 STAGES = ("load", "usm", "blur1", "resize1", "noise1", "jpeg1", "blur2", "resize2", "noise2",
@@ -171,8 +175,7 @@ class Engine:
                     frames, info = compress_video(frames, p.video, self.backend)
                 except CodecError as exc:  # every retry and the fallback failed: keep the run going
                     log.error("video block failed for every codec, LR left uncompressed: %s", exc)
-                    info = {"backend": None, "codec": None, "crf": None, "bitrate_kbps": None, "preset": None,
-                            "codec_failure": str(exc), "fallback": True}
+                    info = {**NO_CODEC, "codec_failure": str(exc), "fallback": True}
             return np.ascontiguousarray(frames), info
         with self._stage("ending"):
             q2 = p.jpeg2_quality.to(out.device)
@@ -183,8 +186,7 @@ class Engine:
                 out = jpeg.jpeg_roundtrip(out.clamp(0, 1), q2, impl=cfg.jpeg_impl)
                 out = self._final_sinc(_resize_to(out, lr_hw, p.final_mode), p)
             lr8 = to_uint8_nhwc(out)
-        return lr8, {"backend": None, "codec": None, "crf": None, "bitrate_kbps": None, "preset": None,
-                     "codec_failure": None, "fallback": False}
+        return lr8, dict(NO_CODEC)
 
     # ------------------------------------------------------------------
     def _blur(self, x: torch.Tensor, k: KernelDraw) -> torch.Tensor:
@@ -204,19 +206,10 @@ class Engine:
         if not bool(p.final_sinc.any()):
             return x
         idx = p.final_sinc.nonzero().flatten()
-        n = len(idx)
-        size = self.cfg.final_sinc_size
-        kd = KernelDraw(
-            kind=torch.full((n,), SINC, dtype=torch.long), size=torch.full((n,), size, dtype=torch.long),
-            sigma_x=torch.ones(n, dtype=torch.float64), sigma_y=torch.ones(n, dtype=torch.float64),
-            angle=torch.zeros(n, dtype=torch.float64), beta=torch.ones(n, dtype=torch.float64),
-            omega_c=p.final_sinc_omega[idx],
-        )
-        kern = kernels.build_kernels(kd.kind, kd.size, kd.sigma_x, kd.sigma_y, kd.angle, kd.beta, kd.omega_c,
-                                     pad_to=size)
-        out = x.clone()
+        kern = kernels.final_sinc_kernels(p.final_sinc_omega[idx], size=self.cfg.final_sinc_size)
         dev_idx = idx.to(x.device)
-        out[dev_idx] = filters.blur(x[dev_idx], kern.to(device=x.device, dtype=x.dtype), kd.size.to(x.device))
+        out = x.clone()
+        out[dev_idx] = filters.blur(x[dev_idx], kern.to(device=x.device, dtype=x.dtype))
         return out
 
     # ------------------------------------------------------------------
