@@ -74,6 +74,13 @@ class KernelDraw:
         return rec
 
 
+_FAMILY = {  # indexed by kernel code (KERNEL_NAMES order)
+    "aniso": torch.tensor([n.endswith("aniso") for n in KERNEL_NAMES]),
+    "plateau": torch.tensor([n.startswith("plateau") for n in KERNEL_NAMES]),
+    "gaussian": torch.tensor([n in ("iso", "aniso") for n in KERNEL_NAMES]),
+}
+
+
 def draw_kernels(gen: torch.Generator, cfg: DegradationConfig, n: int, sigma_range: tuple[float, float],
                  sinc_prob: float) -> KernelDraw:
     """Real-ESRGAN's random_mixed_kernels + sinc branch, vectorised; a fixed 10 draws per patch."""
@@ -83,24 +90,23 @@ def draw_kernels(gen: torch.Generator, cfg: DegradationConfig, n: int, sigma_ran
     omega_large = _uniform(gen, math.pi / 5, math.pi, n)
     omega = torch.where(size < 13, omega_small, omega_large)
     kind = _choice(gen, cfg.kernel_probs, n)
-    names = [cfg.kernel_types[k] for k in range(len(cfg.kernel_types))]
-    kind = torch.tensor([KERNEL_NAMES.index(names[k]) for k in kind.tolist()], dtype=torch.long)
+    # config order -> KERNEL_NAMES codes, then per-code family flags (lookup tables, no per-patch loops)
+    to_code = torch.tensor([KERNEL_NAMES.index(t) for t in cfg.kernel_types], dtype=torch.long)
+    kind = to_code[kind]
     sx = _uniform(gen, *sigma_range, n)
     sy = _uniform(gen, *sigma_range, n)
     angle = _uniform(gen, -math.pi, math.pi, n)
     beta_low = torch.rand(n, generator=gen, dtype=torch.float64) < 0.5
     u_beta = torch.rand(n, generator=gen, dtype=torch.float64)
-    aniso = torch.tensor([KERNEL_NAMES[k].endswith("aniso") for k in kind.tolist()])
+    aniso = _FAMILY["aniso"][kind]
     sy = torch.where(aniso, sy, sx)
     angle = torch.where(aniso, angle, torch.zeros_like(angle))
-    is_plateau = torch.tensor([KERNEL_NAMES[k].startswith("plateau") for k in kind.tolist()])
     blo, bhi = cfg.betag_range
     plo, phi = cfg.betap_range
     beta_g = torch.where(beta_low, blo + (1 - blo) * u_beta, 1 + (bhi - 1) * u_beta)
     beta_p = torch.where(beta_low, plo + (1 - plo) * u_beta, 1 + (phi - 1) * u_beta)
-    beta = torch.where(is_plateau, beta_p, beta_g)
-    is_gauss = torch.tensor([KERNEL_NAMES[k] in ("iso", "aniso") for k in kind.tolist()])
-    beta = torch.where(is_gauss, torch.ones_like(beta), beta)
+    beta = torch.where(_FAMILY["plateau"][kind], beta_p, beta_g)
+    beta = torch.where(_FAMILY["gaussian"][kind], torch.ones_like(beta), beta)
     kind = torch.where(is_sinc, torch.full_like(kind, SINC), kind)
     return KernelDraw(kind, size.long(), sx, sy, angle, beta, omega)
 
