@@ -84,12 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------
 def load_config(args: argparse.Namespace) -> DegradationConfig:
-    if args.config is not None:
-        cfg = DegradationConfig.from_file(args.config)
-        if args.profile != "vcisr":
-            cfg = DegradationConfig.for_profile(args.profile, **{k: v for k, v in cfg.to_dict().items()
-                                                                 if k != "profile"})
-        return cfg
+    if args.config is not None:  # a non-default --profile wins over the file's; the file's keys over the profile
+        return DegradationConfig.from_file(args.config, **({"profile": args.profile} if args.profile != "vcisr" else {}))
     return DegradationConfig.for_profile(args.profile)
 
 

@@ -108,3 +108,14 @@ def test_image_broken_after_scan_skips_its_batch_and_says_so(photo_dir, tmp_path
     assert rc == 1 and "coffee.png" in err and "skipped" in err
     recs = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert len(recs) == 5 and all(r["image"] != "coffee.png" for r in recs)  # 7 patches, coffee's batch of 2 lost
+
+
+def test_profile_flag_with_a_config_file_keeps_the_profile_quirks(tmp_path):
+    from server.cli import build_parser, load_config
+
+    f = tmp_path / "c.toml"
+    f.write_text("v2_prob = 0.7\n")
+    cfg = load_config(build_parser().parse_args(["generate", "--out", "o", "--config", str(f),
+                                                 "--profile", "vcisr-code"]))
+    assert cfg.profile == "vcisr-code" and cfg.v2_prob == 0.7
+    assert cfg.kernel_per_batch and cfg.bitrate_kbps == (3800, 5800)  # the quirks, not the paper's values
