@@ -24,7 +24,7 @@ from .codecs import CodecBackend, CodecError, SoftwareBackend, compress_video
 from .config import DegradationConfig
 from .epoch_plan import EpochPlan, PatchRef
 from .images import ImageFolder
-from .params import BatchParams, KernelDraw, NoiseDraw, sample_batch_params
+from .params import BatchParams, KernelDraw, NoiseDraw, sample_batch_params, select_patches
 from .seeding import make_generator
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class Engine:
         with self._stage("blur2"):
             if bool(p.blur2.any()):
                 idx = p.blur2.nonzero().flatten()
-                sub = self._blur(out[idx.to(out.device)], _select(p.kernel2, idx))
+                sub = self._blur(out[idx.to(out.device)], select_patches(p.kernel2, idx))
                 out = out.clone()
                 out[idx.to(out.device)] = sub
         with self._stage("resize2"):
@@ -271,7 +271,3 @@ def _resize_to(x: torch.Tensor, size: list[int], mode: str) -> torch.Tensor:
     if list(x.shape[-2:]) == size:
         return x
     return resize(x, size=size, mode=mode)
-
-
-def _select(k: KernelDraw, idx: torch.Tensor) -> KernelDraw:
-    return KernelDraw(*(getattr(k, f)[idx] for f in KernelDraw.__dataclass_fields__))

@@ -96,14 +96,15 @@ class ImageFolder:
 
     # ------------------------------------------------------------------
     def _scan(self, threads: int) -> list[ImageInfo]:
-        files = sorted(
-            (p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
-            key=lambda p: p.relative_to(self.root).as_posix(),
-        )
-        others = [p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS]
-        for p in others:
-            if not p.name.startswith("."):
+        files = []
+        for p in self.root.rglob("*"):  # one walk of the tree
+            if not p.is_file():
+                continue
+            if p.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(p)
+            elif not p.name.startswith("."):
                 log.debug("ignoring non-image file %s", p)
+        files.sort(key=lambda p: p.relative_to(self.root).as_posix())
 
         def probe(path: Path) -> ImageInfo | SkippedImage:
             name = path.relative_to(self.root).as_posix()

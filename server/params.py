@@ -111,6 +111,11 @@ def draw_kernels(gen: torch.Generator, cfg: DegradationConfig, n: int, sigma_ran
     return KernelDraw(kind, size.long(), sx, sy, angle, beta, omega)
 
 
+def select_patches(draw, sel):
+    """A per-patch draw (KernelDraw, NoiseDraw) restricted to ``sel`` (a slice or index tensor)."""
+    return type(draw)(**{f: (v[sel] if isinstance(v, torch.Tensor) else v) for f, v in vars(draw).items()})
+
+
 def _broadcast_first(k: KernelDraw, n: int) -> KernelDraw:
     """The vcisr-code quirk: one kernel for the whole video batch."""
     return KernelDraw(*(getattr(k, f)[:1].expand(n).clone() for f in KernelDraw.__dataclass_fields__))
@@ -218,7 +223,7 @@ class BatchParams:
     def slice(self, lo: int, hi: int) -> "BatchParams":
         """The parameters of patches ``lo:hi`` (values shared by the batch are kept)."""
         def cut(d):
-            return type(d)(**{f: (v[lo:hi] if isinstance(v, torch.Tensor) else v) for f, v in vars(d).items()})
+            return select_patches(d, slice(lo, hi))
 
         return BatchParams(
             n=hi - lo, kernel1=cut(self.kernel1), resize1=self.resize1, noise1=cut(self.noise1),

@@ -70,12 +70,9 @@ def write_sample_data(out_dir: str | Path, *, scales: tuple[float, ...] = SCALES
         except (OSError, ValueError):
             pass
     jobs = [(name, attr, s) for name, attr in SOURCES for s in scales]
-    try:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        it = tqdm(jobs, desc="sample photographs", unit="img", disable=not progress)
-    except ImportError:  # pragma: no cover
-        it = jobs
+    it = tqdm(jobs, desc="sample photographs", unit="img", disable=not progress)
     files: list[Path] = []
     cache: dict[str, np.ndarray] = {}
     for name, attr, s in it:
