@@ -5,6 +5,8 @@
     degrade preview --out sheet.png  a contact sheet of HR/LR pairs with their codecs
     degrade bench                    the standard workload of BENCH.md (engine, codec limit, naive)
     degrade demo --out OUT           sample data -> a few hundred pairs -> preview sheet
+    degrade serve ...                the gRPC server (same as ``degrade-server``)
+    degrade health ...               probe a server's health (same as ``degrade-health``)
 
 Every command that needs images uses the built-in sample photographs when
 ``--images`` is not given.
@@ -51,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                "  degrade preview --out sheet.png --n 24\n  degrade bench --runs 3",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("serve", add_help=False, help="run the gRPC server; same flags as degrade-server (see --help)")
+    sub.add_parser("health", add_help=False, help="exit 0 when a server is SERVING; same as degrade-health")
 
     p = sub.add_parser("sample-data", help="write the built-in sample photographs (from scikit-image) to DIR")
     p.add_argument("dir", type=Path, help="output folder")
@@ -231,6 +236,15 @@ def cmd_bench(args: argparse.Namespace, cfg: DegradationConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "serve":
+        from .serve import main as serve_main
+
+        return serve_main(argv[1:])
+    if argv and argv[0] == "health":
+        from .health_probe import main as health_main
+
+        return health_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

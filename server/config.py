@@ -169,8 +169,28 @@ class DegradationConfig:
             problems.append(f"resize_range2 must satisfy 0 < low <= 1 <= high <= 4, got {self.resize_range2}")
         if self.jpeg_impl not in ("libjpeg", "diffjpeg"):
             problems.append(f"jpeg_impl must be 'libjpeg' or 'diffjpeg', got {self.jpeg_impl!r}")
-        if not 1 <= self.fps_range[0] and self.fps_range[1] <= 240:
+        if not (1 <= self.fps_range[0] and self.fps_range[1] <= 240):
             problems.append(f"fps_range must lie in [1, 240], got {self.fps_range}")
+        if not 1 <= self.mpeg2_fps <= 240:
+            problems.append(f"mpeg2_fps must lie in [1, 240], got {self.mpeg2_fps}")
+        if not self.kernel_sizes or min(self.kernel_sizes) < 1:
+            problems.append(f"kernel_sizes must be a non-empty list of odd sizes >= 1, got {self.kernel_sizes}")
+        unknown_types = [t for t in self.kernel_types if t not in KERNEL_TYPES]
+        if unknown_types or len(set(self.kernel_types)) != len(self.kernel_types):
+            problems.append(f"kernel_types must be distinct names from {KERNEL_TYPES}, got {self.kernel_types}")
+        # ranges whose sign matters (checked only when they are well-formed pairs, reported above otherwise)
+        for name, low, high in (
+            ("blur_sigma1", 1e-3, 100.0), ("blur_sigma2", 1e-3, 100.0), ("betag_range", 1e-2, 100.0),
+            ("betap_range", 1e-2, 100.0), ("noise_sigma1", 0.0, 255.0), ("noise_sigma2", 0.0, 255.0),
+            ("poisson_scale1", 0.0, 100.0), ("poisson_scale2", 0.0, 100.0), ("bitrate_kbps", 1, 1_000_000),
+            ("crf_x264", 0, 51), ("crf_x265", 0, 51), ("aspect_shrink_range", 0.25, 1.0),
+            ("aspect_expand_range", 1.0, 4.0),
+        ):
+            r = getattr(self, name)
+            if len(r) == 2 and not low <= r[0] <= r[1] <= high:
+                problems.append(f"{name} must lie in [{low}, {high}], got {r}")
+        if not 0.0 <= self.usm_weight <= 10.0 or not 0.0 <= self.usm_threshold <= 255.0 or self.usm_radius < 0:
+            problems.append("usm_weight must lie in [0, 10], usm_threshold in [0, 255] and usm_radius be >= 0")
         if problems:
             raise ConfigError("invalid degradation config: " + "; ".join(problems))
 
@@ -289,7 +309,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             if not isinstance(value, str) or len(value) > 64:
                 raise TypeError
             return value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     else:
         return value

@@ -11,9 +11,11 @@ calling thread (tests, debugging, CUDA).
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
+import threading
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -45,17 +47,42 @@ def _init_worker(root: str, images: list[ImageInfo], cfg_dict: dict, device: str
     torch.set_num_threads(threads)
     cfg = DegradationConfig.from_dict(cfg_dict)
     _WORKER["folder"] = ImageFolder(root, cfg.patch_size, images=images)
-    _WORKER["engine"] = Engine(cfg, device=device, keep_precodec=keep_precodec)
+    _WORKER["engines"] = _EngineCache(cfg, device, keep_precodec)
 
 
-def _work(seed: int, epoch: int, index: int, refs: tuple[PatchRef, ...], want_hr: bool,
+class _EngineCache:
+    """One engine per config seen (the default plus a few request overrides), least recent evicted."""
+
+    SIZE = 4
+
+    def __init__(self, default: DegradationConfig, device: str, keep_precodec: bool):
+        self.default, self.device, self.keep_precodec = default, device, keep_precodec
+        self._engines: OrderedDict[str | None, Engine] = OrderedDict()
+
+    def get(self, cfg_json: str | None) -> Engine:
+        engine = self._engines.get(cfg_json)
+        if engine is None:
+            cfg = self.default if cfg_json is None else DegradationConfig.from_dict(json.loads(cfg_json))
+            engine = self._engines[cfg_json] = Engine(cfg, device=self.device, keep_precodec=self.keep_precodec)
+            while len(self._engines) > self.SIZE:
+                self._engines.popitem(last=False)
+        self._engines.move_to_end(cfg_json)
+        return engine
+
+
+def _work(cfg_json: str | None, seed: int, epoch: int, index: int, refs: tuple[PatchRef, ...], want_hr: bool,
           want_usm: bool) -> BatchResult:
-    return _WORKER["engine"].make_batch_from_refs(_WORKER["folder"], seed, epoch, index, refs,
-                                                  want_hr=want_hr, want_usm=want_usm)
+    return _WORKER["engines"].get(cfg_json).make_batch_from_refs(_WORKER["folder"], seed, epoch, index, refs,
+                                                                 want_hr=want_hr, want_usm=want_usm)
 
 
 class BatchProducer:
-    """Makes video batches for (seed, epoch, indices) on a pool of worker processes."""
+    """Makes video batches for (seed, epoch, indices) on a pool of worker processes.
+
+    Thread-safe: several consumers (e.g. one per gRPC stream) may call
+    :meth:`produce_jobs` at once; they share the worker processes, each keeping
+    at most ``workers + prefetch`` of its own batches in flight.
+    """
 
     def __init__(self, folder: ImageFolder, cfg: DegradationConfig, *, workers: int | None = None,
                  device: str = "cpu", prefetch: int | None = None, keep_precodec: bool = False):
@@ -68,71 +95,114 @@ class BatchProducer:
             log.info("device %s: running the engine in-process (one GPU feeder)", device)
             self.workers = 0
         self.prefetch = self.workers if prefetch is None else max(0, prefetch)
-        self._plans: OrderedDict[tuple[int, int], EpochPlan] = OrderedDict()
+        self._lock = threading.RLock()
+        self._plans: OrderedDict[tuple[str | None, int, int], EpochPlan] = OrderedDict()
         self._pool: ProcessPoolExecutor | None = None
-        self._engine: Engine | None = None
+        self._generation = 0  # bumped at each pool restart, so one broken pool is restarted once
+        self._engines: _EngineCache | None = None
+        self._inline_lock = threading.Lock()  # one in-process engine: one batch at a time
+        #: batches submitted and not yet handed to their consumer (all consumers together)
+        self.in_flight = 0
         #: batches that could not be made, as ((epoch, index), reason); the run goes on without them
-        self.failures: list[tuple[tuple[int, int], str]] = []
+        #: (the latest 10,000, so that a long-running server's memory stays bounded)
+        self.failures: deque[tuple[tuple[int, int], str]] = deque(maxlen=10_000)
 
     # ------------------------------------------------------------------
-    def plan(self, seed: int, epoch: int) -> EpochPlan:
-        key = (seed, epoch)
-        if key not in self._plans:
-            self._plans[key] = make_epoch_plan(self.folder.images, self.cfg, seed, epoch)
-            while len(self._plans) > 4:
-                self._plans.popitem(last=False)
-        return self._plans[key]
+    def _cfg_key(self, cfg: DegradationConfig | None) -> str | None:
+        return None if cfg is None or cfg == self.cfg else cfg.to_json()
 
-    def _ensure_pool(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            threads = max(1, default_workers() // max(1, self.workers))
-            self._pool = ProcessPoolExecutor(
-                max_workers=self.workers,
-                mp_context=mp.get_context("forkserver"),
-                initializer=_init_worker,
-                initargs=(str(self.folder.root), self.folder.images, self.cfg.to_dict(), self.device, threads,
-                          self.keep_precodec),
-            )
-        return self._pool
+    def plan(self, seed: int, epoch: int, cfg: DegradationConfig | None = None) -> EpochPlan:
+        key = (self._cfg_key(cfg), seed, epoch)
+        with self._lock:
+            found = self._plans.get(key)
+            if found is not None:
+                self._plans.move_to_end(key)
+                return found
+        made = make_epoch_plan(self.folder.images, cfg or self.cfg, seed, epoch)
+        with self._lock:
+            self._plans[key] = made
+            while len(self._plans) > 16:
+                self._plans.popitem(last=False)
+        return made
+
+    def _ensure_pool(self) -> tuple[ProcessPoolExecutor, int]:
+        with self._lock:
+            if self._pool is None:
+                threads = max(1, default_workers() // max(1, self.workers))
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self.workers,
+                    mp_context=mp.get_context("forkserver"),
+                    initializer=_init_worker,
+                    initargs=(str(self.folder.root), self.folder.images, self.cfg.to_dict(), self.device, threads,
+                              self.keep_precodec),
+                )
+            return self._pool, self._generation
 
     def produce(self, seed: int, epoch: int, indices: Iterable[int], *, want_hr: bool = True,
-                want_usm: bool = True) -> Iterator[BatchResult]:
+                want_usm: bool = True, cfg: DegradationConfig | None = None,
+                window: int | None = None) -> Iterator[BatchResult]:
         """Yield the batches of ``indices`` of one epoch in order (see :meth:`produce_jobs`)."""
-        return self.produce_jobs(seed, [(epoch, k) for k in indices], want_hr=want_hr, want_usm=want_usm)
+        return self.produce_jobs(seed, [(epoch, k) for k in indices], want_hr=want_hr, want_usm=want_usm, cfg=cfg,
+                                 window=window)
 
     def produce_jobs(self, seed: int, jobs: Iterable[tuple[int, int]], *, want_hr: bool = True,
-                     want_usm: bool = True) -> Iterator[BatchResult]:
+                     want_usm: bool = True, cfg: DegradationConfig | None = None,
+                     window: int | None = None) -> Iterator[BatchResult]:
         """Yield the batches named by ``(epoch, index)`` pairs, in order, keeping every worker busy
-        across epoch boundaries, with at most workers + prefetch batches in flight."""
+        across epoch boundaries, with at most ``window`` (default workers + prefetch) batches in flight.
+
+        ``cfg`` (default: the producer's) must keep the producer's patch size, which the
+        image folder was scanned for.
+        """
+        if cfg is not None and cfg.patch_size != self.cfg.patch_size:
+            raise ValueError(f"patch_size {cfg.patch_size} differs from the folder's {self.cfg.patch_size}")
         jobs = list(jobs)
         for epoch, k in jobs:
-            plan = self.plan(seed, epoch)
+            plan = self.plan(seed, epoch, cfg)
             if not 0 <= k < plan.num_batches:
                 raise IndexError(f"video batch {k} out of range: epoch {epoch} has {plan.num_batches} batches")
-        return self._run(seed, jobs, want_hr, want_usm)
+        window = self.workers + self.prefetch if window is None else max(1, int(window))
+        return self._run(seed, jobs, want_hr, want_usm, cfg, window)
 
-    def _run(self, seed: int, jobs: list[tuple[int, int]], want_hr: bool, want_usm: bool) -> Iterator[BatchResult]:
+    def _count(self, delta: int) -> None:
+        with self._lock:
+            self.in_flight += delta
+
+    def _run(self, seed: int, jobs: list[tuple[int, int]], want_hr: bool, want_usm: bool,
+             cfg: DegradationConfig | None, window: int) -> Iterator[BatchResult]:
+        cfg_key = self._cfg_key(cfg)
         if self.workers == 0:
-            if self._engine is None:
-                self._engine = Engine(self.cfg, device=self.device, keep_precodec=self.keep_precodec)
             for epoch, k in jobs:
+                self._count(1)
                 try:
-                    result = self._engine.make_batch(self.folder, self.plan(seed, epoch), k, want_hr=want_hr,
-                                                     want_usm=want_usm)
+                    with self._inline_lock:
+                        if self._engines is None:
+                            self._engines = _EngineCache(self.cfg, self.device, self.keep_precodec)
+                        engine = self._engines.get(cfg_key)
+                        result = engine.make_batch(self.folder, self.plan(seed, epoch, cfg), k, want_hr=want_hr,
+                                                   want_usm=want_usm)
                 except (ValueError, OSError) as exc:
                     self._failed((epoch, k), exc)
                     continue
+                finally:
+                    self._count(-1)
                 yield result
             return
-        window = self.workers + self.prefetch
-        pending: deque[tuple[tuple[int, int], Future]] = deque()
+        pending: deque[tuple[tuple[int, int], int, Future]] = deque()
         todo = iter(jobs)
         restarted: set[tuple[int, int]] = set()
 
         def submit(job: tuple[int, int]) -> None:
             epoch, k = job
-            refs = self.plan(seed, epoch).batch(k)
-            pending.append((job, self._ensure_pool().submit(_work, seed, epoch, k, refs, want_hr, want_usm)))
+            refs = self.plan(seed, epoch, cfg).batch(k)
+            pool, generation = self._ensure_pool()
+            pending.append((job, generation, pool.submit(_work, cfg_key, seed, epoch, k, refs, want_hr, want_usm)))
+            self._count(1)
+
+        def submit_next() -> None:
+            for nxt in todo:
+                submit(nxt)
+                break
 
         try:
             for job in todo:
@@ -140,7 +210,8 @@ class BatchProducer:
                 if len(pending) >= window:
                     break
             while pending:
-                job, fut = pending.popleft()
+                job, generation, fut = pending.popleft()
+                self._count(-1)
                 try:
                     result = fut.result()
                 except BrokenProcessPool:
@@ -148,34 +219,44 @@ class BatchProducer:
                         raise RuntimeError(f"batch {job} killed its worker process twice; giving up") from None
                     restarted.add(job)
                     log.error("a worker process died while making batch %s; restarting the pool", job)
-                    retry = [job] + [other for other, _ in pending]
+                    retry = [job] + [other for other, _, _ in pending]
+                    self._count(-len(pending))
                     pending.clear()
-                    self._restart()
+                    self._restart(generation)
                     for r in retry:
                         submit(r)
                     continue
                 except (ValueError, OSError) as exc:  # e.g. an image changed on disk since the scan
                     self._failed(job, exc)
-                    for nxt in todo:
-                        submit(nxt)
-                        break
+                    submit_next()
                     continue
-                for nxt in todo:
-                    submit(nxt)
-                    break
+                submit_next()
                 yield result
         finally:
-            for _, fut in pending:
+            for _, _, fut in pending:
                 fut.cancel()
+            self._count(-len(pending))
 
     def _failed(self, job: tuple[int, int], exc: BaseException) -> None:
         log.error("video batch %d of epoch %d could not be made and is skipped: %s", job[1], job[0], exc)
-        self.failures.append((job, str(exc)))
+        with self._lock:
+            self.failures.append((job, str(exc)))
 
-    def _restart(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+    def failure_reason(self, epoch: int, index: int) -> str | None:
+        """Why batch ``index`` of ``epoch`` was skipped (the latest report), or None."""
+        with self._lock:
+            for job, reason in reversed(self.failures):
+                if job == (epoch, index):
+                    return reason
+        return None
+
+    def _restart(self, generation: int | None = None) -> None:
+        """Drop the pool (if it is still the one of ``generation``); the next submit starts a new one."""
+        with self._lock:
+            if self._pool is not None and (generation is None or generation == self._generation):
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+                self._generation += 1
 
     def worker_pids(self) -> list[int]:
         """PIDs of the live worker processes (for memory accounting)."""
@@ -183,9 +264,10 @@ class BatchProducer:
         return list(procs)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> "BatchProducer":
         return self

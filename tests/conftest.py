@@ -71,3 +71,38 @@ def photo_patches() -> np.ndarray:
         out.append(img[:360, :360])
         out.append(img[-360:, -360:])
     return np.stack(out)
+
+
+# --- the gRPC service -------------------------------------------------------
+SERVICE_CFG = "video_batch_size = 2\nfirst_batch_range = [1, 2]\n"
+
+
+@pytest.fixture(scope="session")
+def service_cfg_file(tmp_path_factory) -> Path:
+    """A degradation config with tiny video batches: photo_dir makes 4-5 batches per epoch."""
+    path = tmp_path_factory.mktemp("svc") / "service.toml"
+    path.write_text(SERVICE_CFG)
+    return path
+
+
+@pytest.fixture()
+def make_server(photo_dir, service_cfg_file):
+    """Start in-process servers on port 0 (``make_server(**ServerConfig fields)``); all stopped afterwards."""
+    from server.serve import ServerConfig, create_server
+
+    started = []
+
+    def make(**kw):
+        kw.setdefault("images", photo_dir)
+        kw.setdefault("config_file", service_cfg_file)
+        kw.setdefault("workers", 1)
+        kw.setdefault("device", "cpu")
+        kw.setdefault("host", "127.0.0.1")
+        srv, port = create_server(ServerConfig(port=0, **kw))
+        srv.start()
+        started.append(srv)
+        return srv, f"127.0.0.1:{port}"
+
+    yield make
+    for srv in started:
+        srv.stop_now()

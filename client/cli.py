@@ -1,0 +1,96 @@
+"""``degrade-client``: pull pairs from degrade-servers, report pairs/s and bytes/s, write a preview sheet.
+
+    degrade-client --server localhost:50051 --pairs 1000 --out sheet.png
+    degrade-client --server a:50051 --server b:50051 --token-file token.txt --pairs 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .client import DegradeClient, DegradeError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="degrade-client", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--server", action="append", default=None,
+                   help="server address host:port or dns:///name:port; repeat for several "
+                        "(default: $DEGRADE_SERVER or localhost:50051)")
+    p.add_argument("--pairs", type=int, default=1000, help="pairs to pull (default %(default)s), across epochs")
+    p.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
+    p.add_argument("--epoch", type=int, default=0, help="first epoch (default 0)")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--token", default=None, help="bearer token (default: $DEGRADE_TOKEN)")
+    tok.add_argument("--token-file", type=Path, default=None, help="read the token from a file")
+    p.add_argument("--tls-ca", type=Path, default=None, help="use TLS, trusting this PEM CA certificate")
+    p.add_argument("--tls", action="store_true", help="use TLS with the system's CA certificates")
+    p.add_argument("--streams", type=int, default=2, help="concurrent streams per server (default %(default)s)")
+    p.add_argument("--no-hr-usm", action="store_true", help="do not fetch the sharpened HR target")
+    p.add_argument("--out", type=Path, default=None, help="write a preview sheet (PNG) of the first pairs")
+    p.add_argument("--preview-pairs", type=int, default=16, help="pairs on the sheet (default %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    servers = args.server or [os.environ.get("DEGRADE_SERVER", "localhost:50051")]
+    token = args.token or (args.token_file.read_text().strip() if args.token_file else os.environ.get("DEGRADE_TOKEN"))
+    tls = args.tls_ca if args.tls_ca else (True if args.tls else None)
+    if args.pairs < 1:
+        print("degrade-client: error: --pairs must be at least 1", file=sys.stderr)
+        return 2
+    client = DegradeClient(servers, token=token, tls=tls, streams_per_server=args.streams,
+                           include_hr_usm=not args.no_hr_usm)
+    preview: list = []
+    try:
+        info = client.info(args.seed, args.epoch)
+        print(f"{info.dataset_name}: {info.patches_per_epoch} patches in {info.batches_per_epoch} video batches "
+              f"per epoch, x{info.scale} ({info.hr_patch_size} -> {info.lr_patch_size}), device {info.device}, "
+              f"backends {', '.join(info.codec_backends)}")
+        from tqdm import tqdm
+
+        t0 = time.perf_counter()
+        got = 0
+        with tqdm(total=args.pairs, unit="pair", disable=None) as bar:
+            for batch in client.epochs(args.seed, args.epoch):
+                got += len(batch)
+                bar.update(min(len(batch), args.pairs - bar.n))
+                for i in range(len(batch)):
+                    if len(preview) < args.preview_pairs:
+                        preview.append((batch.hr[i], batch.lr[i], batch.records[i]))
+                if got >= args.pairs:
+                    break
+        dt = time.perf_counter() - t0
+    except DegradeError as exc:
+        print(f"degrade-client: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        client.close()
+    s = client.stats
+    print(f"received {s.pairs} pairs in {s.batches} video batches in {dt:.2f} s: {s.pairs / dt:.1f} pairs/s, "
+          f"{s.bytes / dt / 1e6:.1f} MB/s; retries {s.retries}; per server: "
+          + ", ".join(f"{a} {n}" for a, n in sorted(s.per_server.items())))
+    if client.failures:
+        print(f"{len(client.failures)} batch(es) could not be made by the server: {client.failures[:3]}")
+    if args.out is not None and preview:
+        from server.preview import contact_sheet
+
+        hr, lr, recs = zip(*preview)
+        path = contact_sheet(hr, lr, recs, args.out, title=f"degrade-client: {servers[0]}, seed {args.seed}")
+        print(f"preview sheet: {path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""An in-process source with the client's interface: the engine on this machine, no server.
+
+For trainers that run alone (the sample data by default) and for tests; the
+batches are the same bytes a server with the same dataset and config sends.
+"""
+
+from __future__ import annotations
+
+from itertools import count
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from .client import VideoBatch
+
+
+class LocalSource:
+    """Makes video batches with a local worker pool (``server.pool.BatchProducer``)."""
+
+    def __init__(self, images: str | Path | None = None, *, cfg=None, workers: int | None = None,
+                 device: str = "cpu", include_hr: bool = True, include_hr_usm: bool = True):
+        from server.config import DegradationConfig
+        from server.images import ImageFolder
+        from server.pool import BatchProducer
+        from server.sample_data import ensure_sample_data
+
+        self.cfg = cfg or DegradationConfig()
+        root = Path(images) if images is not None else ensure_sample_data()
+        self.folder = ImageFolder(root, self.cfg.patch_size)
+        self.producer = BatchProducer(self.folder, self.cfg, workers=workers, device=device)
+        self.include_hr = include_hr
+        self.include_hr_usm = include_hr_usm
+        self.failures: list[tuple[int, int, str]] = []
+
+    def num_batches(self, seed: int, epoch: int) -> int:
+        return self.producer.plan(seed, epoch).num_batches
+
+    def epoch(self, seed: int, epoch: int, *, indices: Sequence[int] | None = None,
+              shard: tuple[int, int] = (0, 1)) -> Iterator[VideoBatch]:
+        if indices is None:
+            indices = range(shard[0], self.num_batches(seed, epoch), shard[1])
+        indices = list(indices)
+        done = set()
+        for r in self.producer.produce(seed, epoch, indices, want_hr=self.include_hr, want_usm=self.include_hr_usm):
+            done.add(r.batch_index)
+            yield VideoBatch(seed, epoch, r.batch_index, r.lr, r.hr, r.hr_usm, r.records,
+                             [rec["patch_id"] for rec in r.records], "local")
+        for k in indices:
+            if k not in done:
+                self.failures.append((epoch, k, self.producer.failure_reason(epoch, k) or "unknown"))
+
+    def epochs(self, seed: int, start_epoch: int = 0, *, shard: tuple[int, int] = (0, 1)) -> Iterator[VideoBatch]:
+        for e in count(start_epoch):
+            yield from self.epoch(seed, e, shard=shard)
+
+    def close(self) -> None:
+        self.producer.close()

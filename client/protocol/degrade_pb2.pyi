@@ -1,0 +1,127 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class InfoRequest(_message.Message):
+    __slots__ = ("seed", "epoch", "config_overrides_json")
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_OVERRIDES_JSON_FIELD_NUMBER: _ClassVar[int]
+    seed: int
+    epoch: int
+    config_overrides_json: str
+    def __init__(self, seed: _Optional[int] = ..., epoch: _Optional[int] = ..., config_overrides_json: _Optional[str] = ...) -> None: ...
+
+class ServerInfo(_message.Message):
+    __slots__ = ("version", "dataset_name", "num_images", "num_skipped_images", "patches_per_epoch", "batches_per_epoch", "scale", "hr_patch_size", "lr_patch_size", "video_batch_size", "codec_backends", "device", "profile", "default_config_json", "max_streams", "max_indices_per_request", "workers")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DATASET_NAME_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    NUM_SKIPPED_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    PATCHES_PER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_PER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    HR_PATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LR_PATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CODEC_BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_INDICES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    dataset_name: str
+    num_images: int
+    num_skipped_images: int
+    patches_per_epoch: int
+    batches_per_epoch: int
+    scale: int
+    hr_patch_size: int
+    lr_patch_size: int
+    video_batch_size: int
+    codec_backends: _containers.RepeatedScalarFieldContainer[str]
+    device: str
+    profile: str
+    default_config_json: str
+    max_streams: int
+    max_indices_per_request: int
+    workers: int
+    def __init__(self, version: _Optional[str] = ..., dataset_name: _Optional[str] = ..., num_images: _Optional[int] = ..., num_skipped_images: _Optional[int] = ..., patches_per_epoch: _Optional[int] = ..., batches_per_epoch: _Optional[int] = ..., scale: _Optional[int] = ..., hr_patch_size: _Optional[int] = ..., lr_patch_size: _Optional[int] = ..., video_batch_size: _Optional[int] = ..., codec_backends: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., profile: _Optional[str] = ..., default_config_json: _Optional[str] = ..., max_streams: _Optional[int] = ..., max_indices_per_request: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
+
+class BatchRequest(_message.Message):
+    __slots__ = ("seed", "epoch", "index_list", "index_range", "include_hr", "include_hr_usm", "config_overrides_json", "max_chunk_bytes")
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    INDEX_LIST_FIELD_NUMBER: _ClassVar[int]
+    INDEX_RANGE_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_HR_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_HR_USM_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_OVERRIDES_JSON_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    seed: int
+    epoch: int
+    index_list: IndexList
+    index_range: IndexRange
+    include_hr: bool
+    include_hr_usm: bool
+    config_overrides_json: str
+    max_chunk_bytes: int
+    def __init__(self, seed: _Optional[int] = ..., epoch: _Optional[int] = ..., index_list: _Optional[_Union[IndexList, _Mapping]] = ..., index_range: _Optional[_Union[IndexRange, _Mapping]] = ..., include_hr: _Optional[bool] = ..., include_hr_usm: _Optional[bool] = ..., config_overrides_json: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class IndexList(_message.Message):
+    __slots__ = ("indices",)
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, indices: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class IndexRange(_message.Message):
+    __slots__ = ("start", "stop")
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    stop: int
+    def __init__(self, start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PairChunk(_message.Message):
+    __slots__ = ("seed", "epoch", "batch_index", "batch_size", "first_patch", "lr", "hr", "hr_usm", "patch_ids", "records_json", "last_chunk", "batch_error")
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    BATCH_INDEX_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_PATCH_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    HR_FIELD_NUMBER: _ClassVar[int]
+    HR_USM_FIELD_NUMBER: _ClassVar[int]
+    PATCH_IDS_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_JSON_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ERROR_FIELD_NUMBER: _ClassVar[int]
+    seed: int
+    epoch: int
+    batch_index: int
+    batch_size: int
+    first_patch: int
+    lr: Tensor
+    hr: Tensor
+    hr_usm: Tensor
+    patch_ids: _containers.RepeatedScalarFieldContainer[str]
+    records_json: _containers.RepeatedScalarFieldContainer[str]
+    last_chunk: bool
+    batch_error: str
+    def __init__(self, seed: _Optional[int] = ..., epoch: _Optional[int] = ..., batch_index: _Optional[int] = ..., batch_size: _Optional[int] = ..., first_patch: _Optional[int] = ..., lr: _Optional[_Union[Tensor, _Mapping]] = ..., hr: _Optional[_Union[Tensor, _Mapping]] = ..., hr_usm: _Optional[_Union[Tensor, _Mapping]] = ..., patch_ids: _Optional[_Iterable[str]] = ..., records_json: _Optional[_Iterable[str]] = ..., last_chunk: _Optional[bool] = ..., batch_error: _Optional[str] = ...) -> None: ...

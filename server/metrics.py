@@ -1,0 +1,60 @@
+"""Prometheus metrics of one server (its own registry, so several servers can share a process)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+
+class ServiceMetrics:
+    """Counters and gauges of the degradation service, exported at ``/metrics``."""
+
+    def __init__(self, *, queue_depth: Callable[[], float], skipped_images: int, window_s: float = 10.0):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.pairs = Counter("degrade_pairs", "LR/HR pairs sent to clients", registry=r)
+        self.bytes_sent = Counter("degrade_bytes_sent", "tensor bytes sent to clients", registry=r)
+        self.batches = Counter("degrade_batches", "video batches sent to clients", registry=r)
+        self.batch_failures = Counter("degrade_batch_failures", "video batches that could not be made", registry=r)
+        self.codec_failures = Counter("degrade_codec_failures",
+                                      "video batches whose first codec attempt failed (retried or fell back)",
+                                      registry=r)
+        self.rejected = Counter("degrade_requests_rejected", "requests refused, by gRPC status code",
+                                ["code"], registry=r)
+        self.streams_total = Counter("degrade_streams", "StreamBatches calls accepted", registry=r)
+        self.active_streams = Gauge("degrade_active_streams", "StreamBatches calls in progress", registry=r)
+        self.queue = Gauge("degrade_queue_depth", "video batches being made or waiting to be sent", registry=r)
+        self.queue.set_function(queue_depth)
+        self.skipped = Gauge("degrade_skipped_images", "images of the dataset rejected at scan", registry=r)
+        self.skipped.set(skipped_images)
+        self.rate = Gauge("degrade_pairs_per_second", "pairs sent per second over the last window", registry=r)
+        self.rate.set_function(self._pairs_per_second)
+        self._window_s = window_s
+        self._events: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()
+
+    def sent(self, pairs: int, nbytes: int) -> None:
+        self.pairs.inc(pairs)
+        self.bytes_sent.inc(nbytes)
+        now = time.monotonic()
+        with self._lock:
+            self._events.append((now, pairs))
+            self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._events and self._events[0][0] < now - self._window_s:
+            self._events.popleft()
+
+    def _pairs_per_second(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            self._trim(now)
+            return sum(n for _, n in self._events) / self._window_s
+
+    def serve_http(self, port: int, host: str = "0.0.0.0"):
+        """Export ``/metrics`` over HTTP; returns (http server, thread)."""
+        return start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,289 @@
+"""``degrade-server``: the gRPC degradation service (also ``python -m server serve``).
+
+    degrade-server [--images DIR] [--host H] [--port P] [--workers N]
+                   [--device auto|cpu|cuda] [--token T | --token-file F]
+                   [--tls-cert C --tls-key K] [--config FILE] [--metrics-port M]
+
+:func:`create_server` builds a started-or-not server from a frozen
+:class:`ServerConfig` and returns it with its bound port (tests bind port 0);
+:func:`main` adds the command line, logging and signal handling.
+
+Shutdown (SIGTERM or SIGINT): health turns NOT_SERVING at once, new streams
+get UNAVAILABLE, running streams finish the batch they are sending and end
+with UNAVAILABLE (their clients re-ask another server for the rest), and
+after ``drain_seconds`` + at most ``grace_seconds`` the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from client.protocol import degrade_pb2 as pb
+
+from .config import PROFILES, ConfigError, DegradationConfig
+from .images import ImageFolder
+from .pool import BatchProducer, default_workers
+from .requests import MAX_CHUNK_BYTES
+from .service import SERVICE_NAME, DegradeService, package_version
+
+log = logging.getLogger("degrade.server")
+
+DEFAULT_PORT = 50051
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``degrade-server`` is started with (logged at start-up, token redacted)."""
+
+    images: Path | None = None          # None: the built-in sample photographs
+    host: str = "[::]"
+    port: int = DEFAULT_PORT            # 0: any free port (tests)
+    workers: int | None = None          # None: one per core
+    device: str = "auto"                # auto: cuda when torch sees a GPU, else cpu
+    token: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    config_file: Path | None = None
+    profile: str = "vcisr"
+    metrics_port: int | None = None     # None: no Prometheus endpoint
+    max_streams: int = 8                # concurrent StreamBatches; more get RESOURCE_EXHAUSTED
+    drain_seconds: float = 2.0          # NOT_SERVING before closing, so balancers stop sending
+    grace_seconds: float = 30.0         # then in-flight RPCs get this long to finish
+    max_video_batch: int = 256          # largest video batch a request may ask for
+
+    def redacted(self) -> dict:
+        d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        d["token"] = "<set>" if self.token else None
+        return d
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------
+#: Channel options of the server, each for a reason.
+SERVER_OPTIONS = [
+    # requests are small; anything bigger than this is refused by gRPC before it reaches us
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    # chunks are kept below MAX_CHUNK_BYTES; this is the hard ceiling
+    ("grpc.max_send_message_length", MAX_CHUNK_BYTES + 256 * 1024),
+    # clients may ping to keep long idle streams alive through NAT / load balancers
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # two servers must not share one port by accident (SO_REUSEPORT would split traffic)
+    ("grpc.so_reuseport", 0),
+]
+
+
+class DegradeServer:
+    """A gRPC server, its worker pool, health service and metrics endpoint, started and stopped as one."""
+
+    def __init__(self, config: ServerConfig, grpc_server: grpc.Server, port: int, service: DegradeService,
+                 health_servicer: health.HealthServicer):
+        self.config = config
+        self.grpc = grpc_server
+        self.port = port
+        self.service = service
+        self.health = health_servicer
+        self.metrics_port: int | None = None
+        self._metrics_http = None
+        self._stopped = threading.Event()
+
+    @property
+    def metrics(self):
+        return self.service.metrics
+
+    def start(self) -> "DegradeServer":
+        self.grpc.start()
+        if self.config.metrics_port is not None:
+            host = "::" if self.config.host in ("[::]", "::") else self.config.host
+            self._metrics_http, _ = self.service.metrics.serve_http(self.config.metrics_port, host=host)
+            self.metrics_port = self._metrics_http.server_port
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on port %d (metrics: %s)", self.service.dataset_name, self.port,
+                 self.metrics_port or "off")
+        return self
+
+    def shutdown(self, drain_seconds: float | None = None, grace_seconds: float | None = None) -> None:
+        """Graceful stop: NOT_SERVING, drain, let streams end, close the pool. Idempotent."""
+        if self._stopped.is_set():
+            return
+        drain = self.config.drain_seconds if drain_seconds is None else drain_seconds
+        grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
+        log.info("shutting down: NOT_SERVING now, closing in %.1f s (grace %.1f s)", drain, grace)
+        self.health.enter_graceful_shutdown()
+        self.service.begin_shutdown()
+        if drain > 0:
+            self._stopped.wait(drain)
+        self.grpc.stop(grace).wait()
+        self.service.producer.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        self._stopped.set()
+        log.info("stopped")
+
+    def stop_now(self) -> None:
+        """Immediate stop (tests)."""
+        self.shutdown(drain_seconds=0, grace_seconds=0)
+
+    def wait(self) -> None:
+        while not self._stopped.wait(0.5):  # short waits keep the main thread responsive to signals
+            pass
+
+
+def create_server(config: ServerConfig) -> tuple[DegradeServer, int]:
+    """Build the server (not started): images scanned, pool ready, port bound. Returns (server, port)."""
+    cfg = (DegradationConfig.from_file(config.config_file, **({"profile": config.profile}
+                                                              if config.profile != "vcisr" else {}))
+           if config.config_file is not None else DegradationConfig.for_profile(config.profile))
+    if config.images is not None:
+        root = config.images
+    else:
+        from .sample_data import ensure_sample_data
+
+        root = ensure_sample_data(progress=False)
+    folder = ImageFolder(root, cfg.patch_size)
+    log.info("images: %s - %d usable, %d skipped", root, len(folder.images), len(folder.skipped))
+    device = config.resolved_device()
+    producer = BatchProducer(folder, cfg, workers=config.workers, device=device)
+    service = DegradeService(producer, dataset_name=Path(root).name, max_streams=config.max_streams,
+                             max_video_batch=config.max_video_batch)
+
+    interceptors = []
+    if config.token:
+        from .auth import TokenAuthInterceptor
+
+        interceptors.append(TokenAuthInterceptor(
+            config.token, on_deny=lambda: service.metrics.rejected.labels("UNAUTHENTICATED").inc()))
+    # threads: every allowed stream, plus room for GetInfo, health and the streams we turn away
+    threads = config.max_streams + 16
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
+                         interceptors=interceptors, options=SERVER_OPTIONS, maximum_concurrent_rpcs=threads)
+    server.add_generic_rpc_handlers((service.handler(),))
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)  # until start()
+    reflection.enable_server_reflection(
+        (pb.DESCRIPTOR.services_by_name["Degrader"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert or config.tls_key:
+        if not (config.tls_cert and config.tls_key):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        creds = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        producer.close()
+        raise OSError(f"cannot listen on {address} (port in use or address not available)")
+    return DegradeServer(replace(config, port=port), server, port, service, health_servicer), port
+
+
+# ---------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="degrade-server",
+        description="Serve VCISR-degraded LR/HR training pairs over gRPC (degrade.v1.Degrader, plus "
+                    "grpc.health.v1 and reflection). Batches are made by a worker pool using every core "
+                    "(and the GPU with --device cuda) and streamed with backpressure.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Environment: DEGRADE_TOKEN or DEGRADE_TOKEN_FILE set the token when no flag does; "
+               "DEGRADE_SAMPLE_DIR is where the built-in sample photographs live.\n\n"
+               "Examples:\n  degrade-server                         # sample data, port 50051, all cores\n"
+               "  degrade-server --images /data --token-file /run/secrets/degrade_token --metrics-port 9100",
+    )
+    p.add_argument("--images", type=Path, default=None,
+                   help="folder of HR images (short side >= the patch size); default: built-in sample photographs")
+    p.add_argument("--host", default="[::]", help="address to listen on (default: all, IPv4 and IPv6)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (default %(default)s; 0 = any free)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    p.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:1, ...")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--token", default=None, help="require 'authorization: Bearer TOKEN' on every RPC but health")
+    tok.add_argument("--token-file", type=Path, default=None, help="read the token from a file (e.g. a secret)")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve TLS")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert")
+    p.add_argument("--config", type=Path, default=None, help="TOML or YAML degradation config")
+    p.add_argument("--profile", choices=PROFILES, default="vcisr", help="degradation profile (default vcisr)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--max-streams", type=int, default=8,
+                   help="concurrent streams allowed (default %(default)s); more get RESOURCE_EXHAUSTED")
+    p.add_argument("--drain-seconds", type=float, default=2.0,
+                   help="on SIGTERM, seconds of NOT_SERVING before closing (default %(default)s)")
+    p.add_argument("--grace-seconds", type=float, default=30.0,
+                   help="then seconds in-flight calls get to finish (default %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, environ: dict | None = None) -> ServerConfig:
+    env = os.environ if environ is None else environ
+    token = args.token
+    token_file = args.token_file or (Path(env["DEGRADE_TOKEN_FILE"]) if env.get("DEGRADE_TOKEN_FILE") else None)
+    if token is None and token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the token file {token_file}: {exc.strerror}") from None
+        if not token:
+            raise ConfigError(f"the token file {token_file} is empty")
+    if token is None:
+        token = env.get("DEGRADE_TOKEN") or None
+    if args.max_streams < 1:
+        raise ConfigError("--max-streams must be at least 1")
+    return ServerConfig(
+        images=args.images, host=args.host, port=args.port, workers=args.workers, device=args.device, token=token,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, config_file=args.config, profile=args.profile,
+        metrics_port=args.metrics_port, max_streams=args.max_streams, drain_seconds=args.drain_seconds,
+        grace_seconds=args.grace_seconds,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        config = config_from_args(args)
+        log.info("degrade-server %s, config: %s", package_version(), config.redacted())
+        server, port = create_server(config)
+    except (ConfigError, FileNotFoundError, ValueError, OSError) as exc:
+        print(f"degrade-server: error: {exc}", file=sys.stderr)
+        return 2
+    log.info("degradation config: %s", server.service.cfg.to_json())
+    log.info("workers: %d on %s (%d cores)", server.service.producer.workers, server.service.producer.device,
+             default_workers())
+
+    def on_signal(signum, _frame):
+        log.info("received %s", signal.Signals(signum).name)
+        threading.Thread(target=server.shutdown, name="shutdown", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    print(f"degrade-server listening on port {port}", flush=True)
+    server.wait()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
