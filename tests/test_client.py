@@ -1,0 +1,101 @@
+"""Trainer side: the shuffle pool, the torch dataset, the degrade-client command, the local source."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from client import ShuffleBuffer
+from client.dataset import DegradeDataset
+
+
+def _video(start: int, n: int):
+    lr = np.stack([np.full((2, 2, 3), i % 256, np.uint8) for i in range(start, start + n)])
+    hr = np.stack([np.full((8, 8, 3), i % 256, np.uint8) for i in range(start, start + n)])
+    return lr, hr, [{"patch_id": f"p{i}"} for i in range(start, start + n)]
+
+
+def test_shuffle_buffer_passes_every_pair_once_and_mixes_videos():
+    buf = ShuffleBuffer(capacity=40, batch_size=6, seed=1)
+    out = []
+    for v in range(10):
+        lr, hr, recs = _video(v * 20, 20)
+        out += list(buf.add(lr, hr, None, recs))
+    assert len(buf) == 40  # the pool stays full
+    out += list(buf.drain())
+    ids = [r["patch_id"] for b in out for r in b.records]
+    assert Counter(ids) == Counter(f"p{i}" for i in range(200))
+    assert all(len(b) == 6 for b in out[:-1]) and len(out[-1]) == 200 % 6
+    for b in out:  # arrays travel with their records
+        vals = [int(r["patch_id"][1:]) % 256 for r in b.records]
+        assert b.lr[:, 0, 0, 0].tolist() == vals and b.hr[:, 7, 7, 2].tolist() == vals and b.hr_usm is None
+    # batches mix video batches: most training batches hold pairs of at least two videos
+    mixed = sum(len({int(r["patch_id"][1:]) // 20 for r in b.records}) > 1 for b in out)
+    assert mixed >= 0.8 * len(out)
+    assert ids != sorted(ids, key=lambda s: int(s[1:]))
+
+
+def test_shuffle_buffer_without_pool_keeps_order_and_drop_last():
+    buf = ShuffleBuffer(capacity=0, batch_size=4)
+    lr, hr, recs = _video(0, 10)
+    out = list(buf.add(lr, hr, hr, recs)) + list(buf.drain(drop_last=True))
+    assert [r["patch_id"] for b in out for r in b.records] == [f"p{i}" for i in range(8)]
+
+
+def test_shuffle_buffer_rejects_mismatched_input():
+    buf = ShuffleBuffer(capacity=4, batch_size=2)
+    lr, hr, recs = _video(0, 3)
+    with pytest.raises(ValueError, match="one entry per pair"):
+        list(buf.add(lr, hr, None, recs[:2]))
+    list(buf.add(lr, hr, None, recs))
+    with pytest.raises(ValueError, match="same patch shapes"):
+        list(buf.add(lr[:, :1], hr, None, recs))
+
+
+def test_dataset_workers_share_an_epoch_exactly_once(make_server):
+    _, address = make_server(workers=1)
+    ds = DegradeDataset(address, seed=3, batch_size=3, pool_size=4, epochs=1, drop_last=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn")
+    ids = []
+    for lr, hr, usm, records in loader:
+        assert lr.dtype == torch.uint8 and lr.shape[1:] == (3, 90, 90) and hr.shape[1:] == (3, 360, 360)
+        assert usm.shape == hr.shape and len(records) == lr.shape[0] <= 3
+        ids += [r["patch_id"] for r in records]
+    assert len(ids) == len(set(ids)) == 7
+
+
+def test_local_source_matches_the_server(make_server, photo_dir, service_cfg_file):
+    from client import DegradeClient
+    from client.local import LocalSource
+    from server.config import DegradationConfig
+
+    _, address = make_server()
+    local = LocalSource(photo_dir, cfg=DegradationConfig.from_file(service_cfg_file), workers=0)
+    try:
+        mine = next(iter(local.epoch(5, 1, indices=[2])))
+    finally:
+        local.close()
+    with DegradeClient(address) as client:
+        theirs = next(iter(client.epoch(5, 1, indices=[2])))
+    assert mine.patch_ids == theirs.patch_ids
+    assert np.array_equal(mine.lr, theirs.lr) and np.array_equal(mine.hr_usm, theirs.hr_usm)
+
+
+def test_degrade_client_command(make_server, tmp_path, capsys):
+    from client.cli import main
+
+    _, address = make_server(token="tok")
+    (tmp_path / "token").write_text("tok\n")
+    sheet = tmp_path / "sheet.png"
+    assert main(["--server", address, "--token-file", str(tmp_path / "token"), "--pairs", "5", "--out", str(sheet),
+                 "--preview-pairs", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "pairs/s" in out and "MB/s" in out and sheet.stat().st_size > 10_000
+    from PIL import Image
+
+    assert Image.open(sheet).size[0] > 400
+    assert main(["--server", address, "--pairs", "5"]) == 1  # no token: a clear error, not a traceback
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
