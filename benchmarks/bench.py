@@ -1,7 +1,8 @@
 """The standard workload of ``shared/spec/BENCH.md``, all figures from ONE run.
 
 1. engine    - pairs/s made in-process by the worker pool (all cores);
-2. delivered - pairs/s received over gRPC (added with the service);
+2. delivered - pairs/s received over gRPC on loopback by 1 and by N client processes
+   from a degrade-server subprocess (benchmarks/delivered.py);
 3. codec     - the codec round trips alone, same frames and codec parameters, all cores;
 4. naive     - the reference way: PNG files + the ffmpeg CLI twice, same frames and parameters.
 
@@ -74,7 +75,7 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 def run_bench(folder: ImageFolder, cfg: DegradationConfig, *, device: str = "cpu", workers: int | None = None,
               runs: int = 3, batches: int = 2, seed: int = 0, json_path: Path | None = None,
-              skip_naive: bool = False) -> int:
+              skip_naive: bool = False, skip_delivered: bool = False, clients: int = 4) -> int:
     from benchmarks.codec_limit import codec_limit, naive_limit
     from benchmarks.naive_ffmpeg import ffmpeg_available
 
@@ -122,6 +123,21 @@ def run_bench(folder: ImageFolder, cfg: DegradationConfig, *, device: str = "cpu
     results["engine"]["peak_memory_gib_per_process"] = [k / 2**20 for k in per_process]
     results["stages_s_per_batch"] = {s: v / max(1, stage_batches) for s, v in stage_sum.items()}
 
+    # delivered over gRPC: the same jobs, from a real server process (the in-process pool is closed by now)
+    if not skip_delivered:
+        from benchmarks.delivered import deliver, server_process
+
+        with server_process(folder.root, cfg, workers, device) as address:
+            deliver(address, seed, groups[0], 1)  # warm-up: the server's worker pool starts
+            for n_clients, key in ((1, "delivered_1"), (max(1, clients), "delivered_n")):
+                got = [deliver(address, seed, group, n_clients) for group in groups[1:]]
+                for r, g in enumerate(got, 1):
+                    print(f"  delivered run {r} to {n_clients} client(s): {g['pairs']} pairs in {g['seconds']:.2f} s"
+                          f" = {g['pairs_per_s']:.1f} pairs/s, {g['bytes_per_s'] / 1e6:.0f} MB/s", flush=True)
+                results[key] = _summary([g["pairs_per_s"] for g in got])
+                results[key]["bytes_per_s"] = statistics.median(g["bytes_per_s"] for g in got)
+                results[key]["clients"] = n_clients
+
     # the codec stage alone and the naive baseline, on the very frames and parameters the engine used
     one_run = codec_inputs[: max(1, len(codec_inputs) // runs)]
     if not one_run:
@@ -154,6 +170,8 @@ def _print_table(res: dict[str, Any]) -> None:
     print(f"{'figure':<40}{'median':>10}{'min':>10}{'max':>10}   pairs/s")
     rows = [("1. engine (in-process, all cores)", res.get("engine")),
             ("1b. engine, no USM target", res.get("engine_no_usm")),
+            ("2. delivered over gRPC, 1 client", res.get("delivered_1")),
+            (f"2b. delivered, {(res.get('delivered_n') or {}).get('clients', 4)} clients", res.get("delivered_n")),
             ("3. codec limit (in-memory, all cores)", res.get("codec_limit")),
             ("4. naive (PNG + ffmpeg CLI)", res.get("naive"))]
     for name, s in rows:
@@ -162,6 +180,11 @@ def _print_table(res: dict[str, Any]) -> None:
         else:
             print(f"{name:<40}{'-':>10}")
     e, c, nv = res.get("engine"), res.get("codec_limit"), res.get("naive")
+    for key in ("delivered_1", "delivered_n"):
+        d = res.get(key)
+        if e and d:
+            print(f"delivered to {d['clients']} client(s) / engine = {d['median'] / e['median']:.2f} "
+                  f"({d['bytes_per_s'] / 1e6:.0f} MB/s of uint8 LR + HR + sharpened HR)")
     if e and c:
         print(f"engine / codec limit = {e['median'] / c['median']:.2f}")
     if c and nv:

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=2, help="video batches per timed run (default 2)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     p.add_argument("--skip-naive", action="store_true", help="skip the PNG + ffmpeg CLI baseline")
+    p.add_argument("--skip-delivered", action="store_true", help="skip the gRPC delivery figures")
+    p.add_argument("--clients", type=int, default=4, help="client processes of the many-clients figure (default 4)")
 
     p = sub.add_parser("demo", help="sample data -> a few hundred pairs (progress bar) -> preview sheet")
     _common(p)
@@ -232,7 +234,8 @@ def cmd_bench(args: argparse.Namespace, cfg: DegradationConfig) -> int:
 
     folder = open_images(args, cfg)
     return run_bench(folder, cfg, device=args.device, workers=args.workers, runs=args.runs,
-                     batches=args.batches, seed=args.seed, json_path=args.json, skip_naive=args.skip_naive)
+                     batches=args.batches, seed=args.seed, json_path=args.json, skip_naive=args.skip_naive,
+                     skip_delivered=args.skip_delivered, clients=args.clients)
 
 
 def main(argv: list[str] | None = None) -> int:

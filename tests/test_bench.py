@@ -10,12 +10,13 @@ def test_bench_smoke_writes_all_figures(photo_dir, tmp_path):
     cfg.write_text("video_batch_size = 3\nfirst_batch_range = [1, 1]\nv2_prob = 1.0\n")
     out = tmp_path / "bench.json"
     rc = main(["bench", "--images", str(photo_dir), "--config", str(cfg), "--runs", "1", "--batches", "2",
-               "--workers", "0", "--skip-naive", "--json", str(out)])
+               "--workers", "0", "--skip-naive", "--clients", "2", "--json", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
-    for key in ("engine", "engine_no_usm", "codec_limit"):
+    for key in ("engine", "engine_no_usm", "codec_limit", "delivered_1", "delivered_n"):
         assert res[key]["median"] > 0 and res[key]["min"] <= res[key]["median"] <= res[key]["max"]
     assert res["naive"] is None
+    assert res["delivered_n"]["clients"] == 2 and res["delivered_1"]["bytes_per_s"] > 0
     assert set(res["stages_s_per_batch"]) >= {"load", "blur1", "jpeg1", "codec"}
     assert res["machine"]["cores"] >= 1 and res["workload"]["video_batch"] == 3
     assert all(c in ("mpeg2video", "mpeg4", "libx264", "libx265") for c in res["codec_mix"])

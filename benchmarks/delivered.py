@@ -1,0 +1,98 @@
+"""Figure 2 of BENCH.md: pairs/s delivered over gRPC on loopback to 1 and to N clients.
+
+A real ``degrade-server`` runs as a subprocess on the same image folder and
+config (all cores), and each client is its own process pulling its share of
+the very (epoch, batch) jobs the engine figure used, with LR + HR + sharpened
+HR, like the engine figure.  The rate is all pairs received / wall time from a
+common start to the last client's end.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from server.config import DegradationConfig
+
+
+@contextmanager
+def server_process(images: Path, cfg: DegradationConfig, workers: int | None, device: str = "cpu") -> Iterator[str]:
+    """A degrade-server subprocess on a free port; yields its address."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_path = Path(tmp) / "bench.yaml"
+        cfg_path.write_text(cfg.to_json())  # JSON is YAML
+        cmd = [sys.executable, "-m", "server", "serve", "--images", str(images), "--config", str(cfg_path),
+               "--host", "127.0.0.1", "--port", "0", "--device", device, "--drain-seconds", "0",
+               "--grace-seconds", "2"]
+        if workers is not None:
+            cmd += ["--workers", str(workers)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            address = None
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                line = proc.stdout.readline()
+                m = re.search(r"listening on port (\d+)", line)
+                if m:
+                    address = f"127.0.0.1:{m.group(1)}"
+                    break
+                if not line and proc.poll() is not None:
+                    break
+            if address is None:
+                raise RuntimeError("the benchmark server did not start")
+            yield address
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _client_main(address: str, seed: int, jobs: list[tuple[int, int]], ready, start, out) -> None:
+    from client import DegradeClient
+
+    by_epoch: dict[int, list[int]] = defaultdict(list)
+    for e, k in jobs:
+        by_epoch[e].append(k)
+    with DegradeClient(address, streams_per_server=2, group_size=1) as client:
+        client.info(seed, 0)  # connect before the clock starts
+        ready.put(True)
+        start.wait()
+        pairs = nbytes = 0
+        for e, ks in by_epoch.items():
+            for b in client.epoch(seed, e, indices=ks):
+                pairs += len(b)
+                nbytes += b.lr.nbytes + b.hr.nbytes + b.hr_usm.nbytes
+        out.put((pairs, nbytes, time.perf_counter()))
+
+
+def deliver(address: str, seed: int, jobs: list[tuple[int, int]], clients: int) -> dict[str, float]:
+    """Pull ``jobs`` with ``clients`` client processes (jobs dealt round robin); pairs/s and bytes/s."""
+    ctx = mp.get_context("spawn")
+    ready, start, out = ctx.Queue(), ctx.Event(), ctx.Queue()
+    shares = [jobs[i::clients] for i in range(clients)]
+    procs = [ctx.Process(target=_client_main, args=(address, seed, share, ready, start, out), daemon=True)
+             for share in shares if share]
+    for p in procs:
+        p.start()
+    for _ in procs:  # every client has imported and connected: start the clock for all at once
+        ready.get(timeout=300)
+    t0 = time.perf_counter()
+    start.set()
+    results = [out.get(timeout=1800) for _ in procs]
+    for p in procs:
+        p.join(30)
+    t_end = max(r[2] for r in results)
+    pairs = sum(r[0] for r in results)
+    nbytes = sum(r[1] for r in results)
+    dt = t_end - t0
+    return {"pairs_per_s": pairs / dt, "bytes_per_s": nbytes / dt, "pairs": pairs, "seconds": dt}
