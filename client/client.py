@@ -164,28 +164,43 @@ class DegradeClient:
 
     # ------------------------------------------------------------------
     def epoch(self, seed: int, epoch: int, *, indices: Sequence[int] | None = None,
-              shard: tuple[int, int] = (0, 1)) -> Iterator[VideoBatch]:
+              shard: tuple[int, int] = (0, 1), ordered: bool = False) -> Iterator[VideoBatch]:
         """The video batches of one epoch (all, ``indices``, or shard ``i`` of ``n``: indices i, i+n, ...),
-        each exactly once, in arrival order."""
+        each exactly once: in arrival order, or with ``ordered`` in the order of ``indices``
+        (a deterministic stream, e.g. for exactly resumable training)."""
         if indices is None:
             i, n = shard
             if not 0 <= i < n:
                 raise ValueError(f"shard {shard}: need 0 <= i < n")
             indices = range(i, self.num_batches(seed, epoch), n)
-        return self._fetch(seed, epoch, list(indices))
+        return self._fetch(seed, epoch, list(indices), ordered)
 
-    def epochs(self, seed: int, start_epoch: int = 0, *, shard: tuple[int, int] = (0, 1)) -> Iterator[VideoBatch]:
+    def epochs(self, seed: int, start_epoch: int = 0, *, shard: tuple[int, int] = (0, 1),
+               ordered: bool = False) -> Iterator[VideoBatch]:
         """Endless: epoch after epoch of video batches."""
         for e in count(start_epoch):
-            yield from self.epoch(seed, e, shard=shard)
+            yield from self.epoch(seed, e, shard=shard, ordered=ordered)
 
     # ------------------------------------------------------------------
-    def _fetch(self, seed: int, epoch: int, indices: list[int]) -> Iterator[VideoBatch]:
+    def _fetch(self, seed: int, epoch: int, indices: list[int], ordered: bool = False) -> Iterator[VideoBatch]:
         if len(set(indices)) != len(indices):
             raise ValueError("indices must not repeat")
         run = _EpochRun(self, seed, epoch, indices)
         try:
-            yield from run.results()
+            if not ordered:
+                yield from run.results()
+                return
+            # reorder: hold early arrivals until every batch before them has arrived (or failed)
+            waiting: dict[int, VideoBatch] = {}
+            order = iter(indices)
+            nxt = next(order, None)
+            for batch in run.results(with_failures=True):
+                waiting[batch if isinstance(batch, int) else batch.index] = batch
+                while nxt is not None and nxt in waiting:
+                    item = waiting.pop(nxt)
+                    if not isinstance(item, int):
+                        yield item
+                    nxt = next(order, None)
         finally:
             run.stop()
 
@@ -223,7 +238,8 @@ class _EpochRun:
             t.start()
 
     # ---- consumer side ----
-    def results(self) -> Iterator[VideoBatch]:
+    def results(self, with_failures: bool = False) -> Iterator[VideoBatch | int]:
+        """Batches as they arrive (and, ``with_failures``, the index of each batch a server could not make)."""
         accounted = 0  # batches received plus batches a server reported it could not make
         while accounted < self.total:
             try:
@@ -239,6 +255,8 @@ class _EpochRun:
             accounted += 1
             if isinstance(item, VideoBatch):
                 yield item
+            elif with_failures:
+                yield item[1]
 
     def stop(self) -> None:
         self.stopping.set()

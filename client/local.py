@@ -35,7 +35,8 @@ class LocalSource:
         return self.producer.plan(seed, epoch).num_batches
 
     def epoch(self, seed: int, epoch: int, *, indices: Sequence[int] | None = None,
-              shard: tuple[int, int] = (0, 1)) -> Iterator[VideoBatch]:
+              shard: tuple[int, int] = (0, 1), ordered: bool = True) -> Iterator[VideoBatch]:
+        """Like ``DegradeClient.epoch``; always in order (one producer)."""
         if indices is None:
             indices = range(shard[0], self.num_batches(seed, epoch), shard[1])
         indices = list(indices)
@@ -48,7 +49,8 @@ class LocalSource:
             if k not in done:
                 self.failures.append((epoch, k, self.producer.failure_reason(epoch, k) or "unknown"))
 
-    def epochs(self, seed: int, start_epoch: int = 0, *, shard: tuple[int, int] = (0, 1)) -> Iterator[VideoBatch]:
+    def epochs(self, seed: int, start_epoch: int = 0, *, shard: tuple[int, int] = (0, 1),
+               ordered: bool = True) -> Iterator[VideoBatch]:
         for e in count(start_epoch):
             yield from self.epoch(seed, e, shard=shard)
 

@@ -112,3 +112,40 @@ class ShuffleBuffer:
         if self._out_records and not drop_last:
             yield self._flush()
         self._out_records = []
+
+    # ------------------------------------------------------------------
+    # Exact resume without saving pixels: a pair is identified by its record
+    # (epoch, video batch, index in batch), and any server can remake its batch.
+    def state_dict(self) -> dict[str, Any]:
+        """The pool's identity: RNG state and the records of residents and of the half-filled batch."""
+        return {"rng": self._rng.bit_generator.state, "residents": list(self._records[:self._n]),
+                "pending": list(self._out_records), "capacity": self.capacity, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any], fetch) -> None:
+        """Rebuild the pool from ``state``; ``fetch(epoch, batch_index)`` returns that video batch
+        (anything with ``lr``, ``hr``, ``hr_usm``), fetched once per batch."""
+        if (state["capacity"], state["batch_size"]) != (self.capacity, self.batch_size):
+            raise ValueError(f"saved pool is capacity {state['capacity']} / batch {state['batch_size']}, "
+                             f"this one {self.capacity} / {self.batch_size}")
+        needed = sorted({(r["epoch"], r["batch_index"]) for r in state["residents"] + state["pending"]})
+        batches = {key: fetch(*key) for key in needed}
+        self._out_records, self._n = [], 0
+        self._records = [None] * self.capacity
+
+        def arrays_of(rec: dict[str, Any]) -> dict[str, np.ndarray]:
+            vb = batches[(rec["epoch"], rec["batch_index"])]
+            return {k: v for k, v in (("lr", vb.lr), ("hr", vb.hr), ("hr_usm", vb.hr_usm)) if v is not None}
+
+        for rec in state["residents"] + state["pending"]:
+            arrays = arrays_of(rec)
+            if not self._out:
+                self._allocate(arrays)
+            i = rec["index_in_batch"]
+            if self._n < len(state["residents"]):
+                for name, arr in arrays.items():
+                    self._pool[name][self._n] = arr[i]
+                self._records[self._n] = rec
+                self._n += 1
+            else:
+                self._emit_one(arrays, i, rec)
+        self._rng.bit_generator.state = state["rng"]

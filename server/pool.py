@@ -263,10 +263,21 @@ class BatchProducer:
         procs = getattr(self._pool, "_processes", None) or {}
         return list(procs)
 
-    def close(self) -> None:
+    def close(self, *, terminate: bool = False) -> None:
+        """Stop the worker processes: after their current batch, or at once with ``terminate``
+        (a server shutting down does not wait for batches nobody will receive)."""
         with self._lock:
             pool, self._pool = self._pool, None
-        if pool is not None:
+        if pool is None:
+            return
+        if terminate:
+            procs = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.join(5)
+        else:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> "BatchProducer":

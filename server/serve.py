@@ -133,7 +133,7 @@ class DegradeServer:
         if drain > 0:
             self._stopped.wait(drain)
         self.grpc.stop(grace).wait()
-        self.service.producer.close()
+        self.service.producer.close(terminate=True)  # batches still running have no receiver any more
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         self._stopped.set()

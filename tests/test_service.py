@@ -103,7 +103,8 @@ def test_chunks_stay_below_the_default_message_limit(make_server):
 def spawn_server(photo_dir, cfg_file, *extra: str) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "server", "serve", "--images", str(photo_dir), "--config", str(cfg_file),
            "--host", "127.0.0.1", "--port", "0", "--workers", "1", "--device", "cpu", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    # a session of its own: cleanup kills the whole group (the worker processes of a SIGKILLed server too)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -114,6 +115,14 @@ def spawn_server(photo_dir, cfg_file, *extra: str) -> tuple[subprocess.Popen, st
             break
     proc.kill()
     raise RuntimeError("server did not start")
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
 
 
 @pytest.mark.slow
@@ -137,8 +146,7 @@ def test_sigkill_one_of_two_servers_mid_epoch_loses_and_duplicates_nothing(photo
         assert client.stats.per_server.get(b, 0) > 0
     finally:
         for p in (pa, pb_):
-            p.kill()
-            p.wait(10)
+            kill_group(p)
 
 
 def test_all_servers_gone_is_a_clear_error():
@@ -299,15 +307,25 @@ def test_sigterm_goes_not_serving_then_exits(photo_dir, service_cfg_file):
         health = health_pb2_grpc.HealthStub(ch)
         watch = health.Watch(health_pb2.HealthCheckRequest(service="degrade.v1.Degrader"))
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        stub = pbg.DegraderStub(ch)
+        n = stub.GetInfo(pb.InfoRequest(seed=1)).batches_per_epoch
+        running = stub.StreamBatches(pb.BatchRequest(seed=1, index_range=pb.IndexRange(start=0, stop=n),
+                                                     include_hr=True, include_hr_usm=True, max_chunk_bytes=1))
+        first = next(running)  # a stream in flight, its client reading slowly
+        t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
         with pytest.raises(grpc.RpcError) as e:  # while draining, new streams are turned away
-            list(pbg.DegraderStub(ch).StreamBatches(_req()))
+            list(stub.StreamBatches(_req()))
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        # the running stream finishes the batch it was sending, then ends: UNAVAILABLE, "ask another server"
+        with pytest.raises(grpc.RpcError) as e:
+            list(running)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "another server" in e.value.details()
         assert proc.wait(30) == 0
+        assert time.monotonic() - t0 < 1.5 + 5 + 10  # drain + grace + start-up slack, not a stuck pool
     finally:
-        proc.kill()
-        proc.wait(10)
+        kill_group(proc)
 
 
 def test_metrics_endpoint_and_health_probe(make_server):
