@@ -99,3 +99,43 @@ def test_degrade_client_command(make_server, tmp_path, capsys):
     assert Image.open(sheet).size[0] > 400
     assert main(["--server", address, "--pairs", "5"]) == 1  # no token: a clear error, not a traceback
     assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+def test_ordered_epoch_from_two_servers_is_in_index_order(make_server):
+    from client import DegradeClient
+
+    _, a = make_server()
+    _, b = make_server()
+    with DegradeClient([a, b], group_size=1, streams_per_server=2) as client:
+        n = client.num_batches(SEED_ORDER, 0)
+        got = [vb.index for vb in client.epoch(SEED_ORDER, 0, ordered=True)]
+    assert got == list(range(n))
+
+
+SEED_ORDER = 11
+
+
+def test_training_stream_resumes_exactly_from_its_state(photo_dir, service_cfg_file):
+    from client.local import LocalSource
+    from model.data import TrainingStream
+    from server.config import DegradationConfig
+
+    cfg = DegradationConfig.from_file(service_cfg_file)
+    src = LocalSource(photo_dir, cfg=cfg, workers=0)
+    try:
+        a = TrainingStream(src, seed=4, batch_size=3, pool_size=5)
+        it = iter(a)
+        head = [next(it) for _ in range(4)]  # crosses into epoch 1 (7 patches per epoch)
+        state = a.state_dict()
+        tail = [next(it) for _ in range(3)]
+        b = TrainingStream(src, seed=4, batch_size=3, pool_size=5)
+        b.load_state_dict(state)
+        again = [tb for tb, _ in zip(iter(b), range(3))]
+    finally:
+        src.close()
+    assert state["epoch"] >= 1 and len(state["buffer"]["residents"]) == 5  # a pixel-free state
+    for x, y in zip(tail, again):
+        assert [r["patch_id"] for r in x.records] == [r["patch_id"] for r in y.records]
+        assert np.array_equal(x.lr, y.lr) and np.array_equal(x.hr_usm, y.hr_usm)
+    ids = [r["patch_id"] for tb in head + tail for r in tb.records]
+    assert len(ids) == len(set(ids))  # nothing twice
