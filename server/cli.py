@@ -225,8 +225,37 @@ def cmd_demo(args: argparse.Namespace, cfg: DegradationConfig) -> int:
     cmd_generate(gen_args, cfg)
     prev_args = argparse.Namespace(**{**vars(args), "out": out / "preview.png", "n": 16, "per_batch": 4})
     cmd_preview(prev_args, cfg)
-    print(f"demo done: pairs in {out / 'pairs'}, contact sheet {out / 'preview.png'}")
+    served = demo_service(args, cfg, out / "served.png", pairs=min(64, args.limit))
+    print(f"demo done: pairs in {out / 'pairs'}, contact sheet {out / 'preview.png'}, "
+          f"pairs pulled over gRPC {served}")
     return 0
+
+
+def demo_service(args: argparse.Namespace, cfg: DegradationConfig, sheet: Path, pairs: int = 64) -> Path:
+    """The service round trip: a degrade-server on a free loopback port, a client pulling ``pairs``."""
+    from client import DegradeClient
+
+    from .preview import contact_sheet
+    from .serve import ServerConfig, create_server
+
+    server, port = create_server(ServerConfig(images=args.images, host="127.0.0.1", port=0, workers=args.workers,
+                                              device=args.device, profile=cfg.profile, config_file=args.config))
+    server.start()
+    try:
+        with DegradeClient(f"127.0.0.1:{port}") as client:
+            t0 = time.perf_counter()
+            got = []
+            for batch in client.epochs(args.seed, args.epoch):
+                got += [(batch.hr[i], batch.lr[i], batch.records[i]) for i in range(len(batch))]
+                if len(got) >= pairs:
+                    break
+            dt = time.perf_counter() - t0
+        print(f"degrade-server on 127.0.0.1:{port}: a client pulled {len(got)} pairs in {dt:.1f} s "
+              f"({len(got) / dt:.1f} pairs/s, LR + HR + sharpened HR)")
+        hr, lr, recs = zip(*got[::max(1, len(got) // 16)][:16])
+        return contact_sheet(hr, lr, recs, sheet, title="pulled over gRPC from degrade-server")
+    finally:
+        server.stop_now()
 
 
 def cmd_bench(args: argparse.Namespace, cfg: DegradationConfig) -> int:

@@ -223,6 +223,9 @@ class DegradeService:
                     yield self._failed_chunk(job, k)
                 return
         except Exception as exc:  # noqa: BLE001 - the status must say what happened, never UNKNOWN
+            if self._draining.is_set():  # the pool is closing under us: not a failure of this request
+                self._reject(context, grpc.StatusCode.UNAVAILABLE,
+                             "this server is shutting down; ask another server for the batches not yet received")
             log.exception("stream of epoch %d failed", job.epoch)
             self._reject(context, grpc.StatusCode.INTERNAL, f"the server failed while making batches: {exc}")
         finally:

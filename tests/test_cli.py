@@ -119,3 +119,13 @@ def test_profile_flag_with_a_config_file_keeps_the_profile_quirks(tmp_path):
                                                  "--profile", "vcisr-code"]))
     assert cfg.profile == "vcisr-code" and cfg.v2_prob == 0.7
     assert cfg.kernel_per_batch and cfg.bitrate_kbps == (3800, 5800)  # the quirks, not the paper's values
+
+
+def test_demo_writes_pairs_and_both_sheets(photo_dir, tmp_path, service_cfg_file):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--images", str(photo_dir), "--config", str(service_cfg_file), "--out", str(out),
+               "--limit", "6", "--workers", "1"])
+    assert rc == 0
+    assert len(list((out / "pairs" / "lr").glob("*.png"))) == 6
+    for sheet in ("preview.png", "served.png"):
+        assert (out / sheet).stat().st_size > 10_000
