@@ -138,6 +138,14 @@ class CodecBackend(abc.ABC):
     def supports(self, codec: str) -> bool:
         """Whether this backend can round-trip ``codec`` (an FFmpeg encoder name)."""
 
+    def label(self, codec: str) -> str:
+        """Name recorded for a round trip of ``codec`` (``record["backend"]``).
+
+        ``name`` for a single backend; a backend that dispatches each codec
+        to another one (``selection.PlanBackend``) names the one it uses.
+        """
+        return self.name
+
     @abc.abstractmethod
     def roundtrip(self, frames: np.ndarray, params: VideoParams) -> np.ndarray:
         """Encode ``frames`` with ``params`` and decode them again, in memory.

@@ -91,7 +91,7 @@ def compress_video(
     error: CodecError | None = None
     for _ in range(2):
         try:
-            return _attempt(first, frames, params), _record(first.name, params, None)
+            return _attempt(first, frames, params), _record(first.label(params.codec), params, None)
         except CodecError as e:
             error = e
     assert error is not None
