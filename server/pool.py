@@ -23,6 +23,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from .codecs import CodecBackend
 from .config import DegradationConfig
 from .engine import BatchResult, Engine
 from .epoch_plan import EpochPlan, PatchRef, make_epoch_plan
@@ -43,11 +44,11 @@ _WORKER: dict = {}
 
 
 def _init_worker(root: str, images: list[ImageInfo], cfg_dict: dict, device: str, threads: int,
-                 keep_precodec: bool) -> None:
+                 keep_precodec: bool, backend: CodecBackend | None = None) -> None:
     torch.set_num_threads(threads)
     cfg = DegradationConfig.from_dict(cfg_dict)
     _WORKER["folder"] = ImageFolder(root, cfg.patch_size, images=images)
-    _WORKER["engines"] = _EngineCache(cfg, device, keep_precodec)
+    _WORKER["engines"] = _EngineCache(cfg, device, keep_precodec, backend)
 
 
 class _EngineCache:
@@ -55,15 +56,17 @@ class _EngineCache:
 
     SIZE = 4
 
-    def __init__(self, default: DegradationConfig, device: str, keep_precodec: bool):
-        self.default, self.device, self.keep_precodec = default, device, keep_precodec
+    def __init__(self, default: DegradationConfig, device: str, keep_precodec: bool,
+                 backend: CodecBackend | None = None):
+        self.default, self.device, self.keep_precodec, self.backend = default, device, keep_precodec, backend
         self._engines: OrderedDict[str | None, Engine] = OrderedDict()
 
     def get(self, cfg_json: str | None) -> Engine:
         engine = self._engines.get(cfg_json)
         if engine is None:
             cfg = self.default if cfg_json is None else DegradationConfig.from_dict(json.loads(cfg_json))
-            engine = self._engines[cfg_json] = Engine(cfg, device=self.device, keep_precodec=self.keep_precodec)
+            engine = self._engines[cfg_json] = Engine(cfg, device=self.device, keep_precodec=self.keep_precodec,
+                                                        backend=self.backend)
             while len(self._engines) > self.SIZE:
                 self._engines.popitem(last=False)
         self._engines.move_to_end(cfg_json)
@@ -85,8 +88,10 @@ class BatchProducer:
     """
 
     def __init__(self, folder: ImageFolder, cfg: DegradationConfig, *, workers: int | None = None,
-                 device: str = "cpu", prefetch: int | None = None, keep_precodec: bool = False):
+                 device: str = "cpu", prefetch: int | None = None, keep_precodec: bool = False,
+                 backend: CodecBackend | None = None):
         self.folder = folder
+        self.backend = backend  # None: the software codecs
         self.keep_precodec = keep_precodec
         self.cfg = cfg
         self.device = device
@@ -134,7 +139,7 @@ class BatchProducer:
                     mp_context=mp.get_context("forkserver"),
                     initializer=_init_worker,
                     initargs=(str(self.folder.root), self.folder.images, self.cfg.to_dict(), self.device, threads,
-                              self.keep_precodec),
+                              self.keep_precodec, self.backend),
                 )
             return self._pool, self._generation
 
@@ -177,7 +182,7 @@ class BatchProducer:
                 try:
                     with self._inline_lock:
                         if self._engines is None:
-                            self._engines = _EngineCache(self.cfg, self.device, self.keep_precodec)
+                            self._engines = _EngineCache(self.cfg, self.device, self.keep_precodec, self.backend)
                         engine = self._engines.get(cfg_key)
                         result = engine.make_batch(self.folder, self.plan(seed, epoch, cfg), k, want_hr=want_hr,
                                                    want_usm=want_usm)

@@ -62,6 +62,7 @@ class ServerConfig:
     drain_seconds: float = 2.0          # NOT_SERVING before closing, so balancers stop sending
     grace_seconds: float = 30.0         # then in-flight RPCs get this long to finish
     max_video_batch: int = 256          # largest video batch a request may ask for
+    codec_backend: str = "auto"         # auto | software | hybrid | nvenc, or per codec: "auto,libx264=nvenc"
 
     def redacted(self) -> dict:
         d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -162,9 +163,16 @@ def create_server(config: ServerConfig) -> tuple[DegradeServer, int]:
     folder = ImageFolder(root, cfg.patch_size)
     log.info("images: %s - %d usable, %d skipped", root, len(folder.images), len(folder.skipped))
     device = config.resolved_device()
-    producer = BatchProducer(folder, cfg, workers=config.workers, device=device)
+    backend, backend_names = None, ["software"]
+    if device != "cpu" or config.codec_backend not in ("auto", "software"):
+        from .codecs.selection import build_backend
+
+        backend, plan = build_backend(override=config.codec_backend, device=device)
+        log.info("codec backends:\n%s", plan.explain())
+        backend_names = sorted(plan.backends_used)
+    producer = BatchProducer(folder, cfg, workers=config.workers, device=device, backend=backend)
     service = DegradeService(producer, dataset_name=Path(root).name, max_streams=config.max_streams,
-                             max_video_batch=config.max_video_batch)
+                             max_video_batch=config.max_video_batch, codec_backends=backend_names)
 
     interceptors = []
     if config.token:
@@ -225,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="TOML or YAML degradation config")
     p.add_argument("--profile", choices=PROFILES, default="vcisr", help="degradation profile (default vcisr)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--codec-backend", default="auto",
+                   help="video codecs: auto (NVENC where the GPU has it, software otherwise), software, hybrid "
+                        "(software encode + NVDEC decode), nvenc, or per codec e.g. 'auto,libx264=hybrid'")
     p.add_argument("--max-streams", type=int, default=8,
                    help="concurrent streams allowed (default %(default)s); more get RESOURCE_EXHAUSTED")
     p.add_argument("--drain-seconds", type=float, default=2.0,
@@ -254,7 +265,7 @@ def config_from_args(args: argparse.Namespace, environ: dict | None = None) -> S
         images=args.images, host=args.host, port=args.port, workers=args.workers, device=args.device, token=token,
         tls_cert=args.tls_cert, tls_key=args.tls_key, config_file=args.config, profile=args.profile,
         metrics_port=args.metrics_port, max_streams=args.max_streams, drain_seconds=args.drain_seconds,
-        grace_seconds=args.grace_seconds,
+        grace_seconds=args.grace_seconds, codec_backend=args.codec_backend,
     )
 
 

@@ -27,7 +27,6 @@ from google.protobuf.message import DecodeError
 
 from client.protocol import degrade_pb2 as pb
 
-from .codecs import available_backends
 from .config import DegradationConfig
 from .engine import BatchResult
 from .metrics import ServiceMetrics
@@ -89,7 +88,8 @@ class DegradeService:
     """Serves one dataset with one worker pool to any number of clients (up to ``max_streams`` at once)."""
 
     def __init__(self, producer: BatchProducer, *, dataset_name: str, max_streams: int, max_video_batch: int = 256,
-                 metrics: ServiceMetrics | None = None):
+                 metrics: ServiceMetrics | None = None, codec_backends: list[str] | None = None):
+        self._codec_backends = sorted(codec_backends or ["software"])
         self.producer = producer
         self.cfg: DegradationConfig = producer.cfg
         self.dataset_name = dataset_name
@@ -156,7 +156,7 @@ class DegradeService:
         )
 
     def codec_backends(self) -> list[str]:
-        return sorted(available_backends())
+        return list(self._codec_backends)
 
     def device_name(self) -> str:
         dev = torch.device(self.producer.device)

@@ -374,3 +374,11 @@ def test_skipped_batch_is_reported_not_lost(make_server, tmp_path):
         assert len(got) + len(client.failures) == client.num_batches(SEED, 0)
     assert srv.metrics.registry.get_sample_value("degrade_batch_failures_total") == len(client.failures)
     shutil.rmtree(folder)
+
+
+def test_hardware_codec_request_without_a_gpu_falls_back_to_software(make_server):
+    _, address = make_server(codec_backend="auto,libx264=hybrid")
+    assert list(stub_for(address).GetInfo(pb.InfoRequest()).codec_backends) == ["software"]
+    from server.serve import main
+
+    assert main(["--codec-backend", "quantum", "--port", "0"]) == 2  # a clear error, no traceback
