@@ -1,0 +1,489 @@
+"""``grl-train``: train GRL-small on degraded pairs (also ``python -m model.train``).
+
+    grl-train --stage l1 --out runs/l1                          # in-process engine, sample data
+    grl-train --stage l1 --server gpu-box:50051 --out runs/l1   # from degrade-server(s)
+    grl-train --stage gan --init runs/l1/checkpoints/latest.pt --vgg-weights vgg19-dcbb9e9d.pth --out runs/gan
+    grl-train --out runs/l1 --resume                            # continue exactly where it stopped
+
+Stages (VCISR / Real-ESRGAN recipe):
+- ``l1``: L1 on the sharpened HR; Adam(0.9, 0.99), lr 2e-4, batch 12, lr halved every 50k iterations.
+- ``gan``: from an L1 checkpoint; L1 + VGG-19 perceptual (conv1_2 .1, conv2_2 .1, conv3_4 1, conv4_4 1,
+  conv5_4 1; weight 1) on the sharpened HR + 0.1 x GAN with a U-Net discriminator (spectral norm) that sees
+  the plain HR; batch 6, lr 1e-4, halved every 20k.
+
+A checkpoint holds everything needed to continue bit for bit: generator, discriminator, both optimizers
+and schedulers, the AMP scaler, the iteration, every RNG state, and the data position (the identities of
+the pairs in the shuffle pool - servers remake them on resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import TrainingStream
+from .quality import psnr, ssim
+
+log = logging.getLogger("grl.train")
+
+STAGE_DEFAULTS = {
+    "l1": {"batch_size": 12, "lr": 2e-4, "halve_every": 50_000, "iterations": 700_000},
+    "gan": {"batch_size": 6, "lr": 1e-4, "halve_every": 20_000, "iterations": 280_000},
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run is started with (saved in each checkpoint, logged at start-up)."""
+
+    stage: str = "l1"
+    out: Path = Path("runs/grl")
+    servers: tuple[str, ...] = ()         # empty: an in-process engine
+    token: str | None = None
+    tls_ca: Path | None = None
+    images: Path | None = None            # in-process engine's images (default: the sample data)
+    degradation_config: Path | None = None  # in-process engine's config file
+    engine_workers: int | None = None
+    seed: int = 0
+    iterations: int | None = None         # None: the stage's default
+    batch_size: int | None = None
+    lr: float | None = None
+    halve_every: int | None = None
+    betas: tuple[float, float] = (0.9, 0.99)
+    pool_size: int = 180                  # Real-ESRGAN's pair pool for batch 12
+    lr_crop: int | None = None            # train on random LR crops of this size (None: whole 90x90 patches)
+    device: str = "auto"
+    amp: str = "auto"                     # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    init: Path | None = None              # generator weights to start from (the L1 checkpoint for gan)
+    vgg_weights: Path | None = None       # torchvision's vgg19-dcbb9e9d.pth (gan stage)
+    random_vgg: bool = False              # tests only: a randomly initialised VGG-19
+    l1_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    gan_weight: float = 0.1
+    model_overrides: dict = field(default_factory=dict)  # GRLConfig fields (tests use a tiny GRL)
+    checkpoint_every: int = 5000
+    preview_every: int = 1000
+    val_every: int = 5000
+    val_pairs: int = 8
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGE_DEFAULTS:
+            raise ValueError(f"stage must be one of {sorted(STAGE_DEFAULTS)}, got {self.stage!r}")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
+
+    def get(self, name: str) -> Any:
+        value = getattr(self, name)
+        return STAGE_DEFAULTS[self.stage][name] if value is None else value
+
+    def to_json(self) -> str:
+        return json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()
+                           if k != "token"} | {"token": "<set>" if self.token else None}, default=str)
+
+
+# ---------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda given but torch sees no CUDA GPU")
+    return dev
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    mode = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
+
+
+def augment(gen: torch.Generator, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The same random h-flip, v-flip and transpose per sample on every tensor (LR and HR alike)."""
+    n = tensors[0].shape[0]
+    flips = torch.rand(n, 3, generator=gen) < 0.5
+    out = []
+    for t in tensors:
+        m = flips.to(t.device)
+        t = torch.where(m[:, 0, None, None, None], t.flip(-1), t)
+        t = torch.where(m[:, 1, None, None, None], t.flip(-2), t)
+        t = torch.where(m[:, 2, None, None, None], t.transpose(-1, -2), t)
+        out.append(t)
+    return out
+
+
+def random_crop(gen: torch.Generator, size: int, scale: int, lr: torch.Tensor, *hrs: torch.Tensor):
+    """One random LR crop of ``size`` (and the matching HR crops) for the whole batch."""
+    h, w = lr.shape[-2:]
+    if size >= min(h, w):
+        return [lr, *hrs]
+    y = int(torch.randint(0, h - size + 1, (1,), generator=gen))
+    x = int(torch.randint(0, w - size + 1, (1,), generator=gen))
+    out = [lr[..., y:y + size, x:x + size]]
+    out += [t[..., y * scale:(y + size) * scale, x * scale:(x + size) * scale] for t in hrs]
+    return out
+
+
+def to_float(arr: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 NHWC (host) -> float NCHW in [0, 1] on ``device`` (converted there: 4x less to copy)."""
+    t = torch.from_numpy(arr)
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    return t.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+# ---------------------------------------------------------------------------
+class Trainer:
+    """One training run: models, optimizers, data stream, checkpoints, previews, validation."""
+
+    def __init__(self, cfg: TrainConfig, source: Any = None):
+        """``source``: where video batches come from (default: servers or an in-process engine, per ``cfg``)."""
+        from .grl import build_grl_small
+
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.amp = amp_dtype(cfg, self.device)
+        self.out = Path(cfg.out)
+        (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)  # model init and drop-path draws; saved and restored with checkpoints
+        self.generator = build_grl_small(**cfg.model_overrides).to(self.device)
+        self.scale = int(getattr(self.generator, "upscale", 4))
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.get("lr"), betas=cfg.betas)
+        self.sched_g = torch.optim.lr_scheduler.StepLR(self.opt_g, step_size=cfg.get("halve_every"), gamma=0.5)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
+        self.discriminator = self.opt_d = self.sched_d = None
+        self.perceptual = self.gan_loss = None
+        if cfg.stage == "gan":
+            from .discriminator import UNetDiscriminatorSN
+            from .losses import GANLoss, PerceptualLoss
+
+            self.discriminator = UNetDiscriminatorSN().to(self.device)
+            self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.get("lr"), betas=cfg.betas)
+            self.sched_d = torch.optim.lr_scheduler.StepLR(self.opt_d, step_size=cfg.get("halve_every"), gamma=0.5)
+            self.perceptual = PerceptualLoss(weights_path=cfg.vgg_weights, random_weights=cfg.random_vgg,
+                                             perceptual_weight=cfg.perceptual_weight,
+                                             generator=cfg.seed if cfg.random_vgg else None).to(self.device)
+            self.gan_loss = GANLoss(loss_weight=cfg.gan_weight)
+        self.flip_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.iteration = 0
+        self.source = source if source is not None else self._source()
+        self.stream = TrainingStream(self.source, seed=cfg.seed, batch_size=cfg.get("batch_size"),
+                                     pool_size=cfg.pool_size)
+        self.log_path = self.out / "log.jsonl"
+
+    def _source(self):
+        cfg = self.cfg
+        if cfg.servers:
+            from client import DegradeClient
+
+            return DegradeClient(list(cfg.servers), token=cfg.token, tls=cfg.tls_ca)
+        from client.local import LocalSource
+        from server.config import DegradationConfig
+
+        dcfg = DegradationConfig.from_file(cfg.degradation_config) if cfg.degradation_config else None
+        return LocalSource(cfg.images, cfg=dcfg, workers=cfg.engine_workers)
+
+    # ------------------------------------------------------------------
+    def load_initial_weights(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if isinstance(state, dict) and "generator" in state:
+            state = state["generator"]
+        missing, unexpected = self.generator.load_state_dict(state, strict=False)
+        real_missing = [k for k in missing if not k.endswith(("relative_position_index", "attn_mask",
+                                                                "relative_coords_table"))]
+        if real_missing or unexpected:
+            raise ValueError(f"{path} does not fit GRL-small: missing {real_missing[:5]}, unexpected {unexpected[:5]}")
+        log.info("generator initialised from %s", path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": "grl-train/1", "config": json.loads(self.cfg.to_json()), "iteration": self.iteration,
+            "generator": self.generator.state_dict(), "opt_g": self.opt_g.state_dict(),
+            "sched_g": self.sched_g.state_dict(), "scaler": self.scaler.state_dict(),
+            "discriminator": self.discriminator.state_dict() if self.discriminator is not None else None,
+            "opt_d": self.opt_d.state_dict() if self.opt_d is not None else None,
+            "sched_d": self.sched_d.state_dict() if self.sched_d is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "flip": self.flip_gen.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "data": self.stream.state_dict(),
+        }
+
+    def load_state(self, ckpt: dict[str, Any]) -> None:
+        if ckpt.get("format") != "grl-train/1":
+            raise ValueError("not a grl-train checkpoint")
+        if ckpt["config"]["stage"] != self.cfg.stage:
+            raise ValueError(f"the checkpoint is stage {ckpt['config']['stage']!r}, this run {self.cfg.stage!r}")
+        self.generator.load_state_dict(ckpt["generator"])
+        self.opt_g.load_state_dict(ckpt["opt_g"])
+        self.sched_g.load_state_dict(ckpt["sched_g"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.discriminator is not None:
+            self.discriminator.load_state_dict(ckpt["discriminator"])
+            self.opt_d.load_state_dict(ckpt["opt_d"])
+            self.sched_d.load_state_dict(ckpt["sched_d"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.flip_gen.set_state(ckpt["rng"]["flip"])
+        if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        self.stream.load_state_dict(ckpt["data"])
+        self.iteration = int(ckpt["iteration"])
+
+    def save_checkpoint(self) -> Path:
+        folder = self.out / "checkpoints"
+        path = folder / f"iter_{self.iteration:07d}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)  # atomic: a kill mid-save never leaves a torn checkpoint
+        latest = folder / "latest.pt"
+        tmp_latest = folder / "latest.tmp"
+        if tmp_latest.exists():
+            tmp_latest.unlink()
+        os.link(path, tmp_latest)
+        os.replace(tmp_latest, latest)
+        return path
+
+    # ------------------------------------------------------------------
+    def step(self, lr8: np.ndarray, hr8: np.ndarray, usm8: np.ndarray) -> dict[str, float]:
+        cfg = self.cfg
+        lr, hr, usm = (to_float(a, self.device) for a in (lr8, hr8, usm8))
+        if cfg.lr_crop:
+            lr, hr, usm = random_crop(self.flip_gen, cfg.lr_crop, self.scale, lr, hr, usm)
+        lr, hr, usm = augment(self.flip_gen, lr, hr, usm)
+        autocast = torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+        losses: dict[str, float] = {}
+        self.generator.train()
+        if self.discriminator is not None:
+            for p in self.discriminator.parameters():
+                p.requires_grad_(False)
+        with autocast:
+            sr = self.generator(lr)
+            l1 = F.l1_loss(sr.float(), usm)
+            total = cfg.l1_weight * l1
+            losses["l1"] = float(l1.detach())
+            if self.discriminator is not None:
+                percep = self.perceptual(sr.float(), usm)  # weighted inside (perceptual_weight)
+                g_gan = self.gan_loss(self.discriminator(sr), True)  # weighted inside (gan_weight)
+                total = total + percep + g_gan
+                losses["perceptual"], losses["g_gan"] = float(percep.detach()), float(g_gan.detach())
+        self.opt_g.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.opt_g)
+        losses["g_total"] = float(total.detach())
+        if self.discriminator is not None:
+            for p in self.discriminator.parameters():
+                p.requires_grad_(True)
+            with autocast:
+                d_real = self.gan_loss(self.discriminator(hr), True, is_disc=True)
+                d_fake = self.gan_loss(self.discriminator(sr.detach().float()), False, is_disc=True)
+                d_total = d_real + d_fake
+            self.opt_d.zero_grad(set_to_none=True)
+            self.scaler.scale(d_total).backward()
+            self.scaler.step(self.opt_d)
+            self.sched_d.step()
+            losses["d_real"], losses["d_fake"] = float(d_real.detach()), float(d_fake.detach())
+        self.scaler.update()
+        self.sched_g.step()
+        return losses
+
+    # ------------------------------------------------------------------
+    def validation_set(self) -> tuple[np.ndarray, np.ndarray]:
+        """A fixed set: ``val_pairs`` pairs of the training photographs (default: the sample set),
+        degraded with seed 2**31-1 - never a training seed's batch."""
+        from client.local import LocalSource
+        from server.config import DegradationConfig
+
+        n = self.cfg.val_pairs
+        base = DegradationConfig.from_file(self.cfg.degradation_config) if self.cfg.degradation_config else \
+            DegradationConfig()
+        src = LocalSource(self.cfg.images, cfg=base.replace(video_batch_size=n, first_batch_range=(n, n)), workers=0,
+                          include_hr_usm=False)
+        try:
+            vb = next(iter(src.epoch(2**31 - 1, 0, indices=[0])))
+        finally:
+            src.close()
+        return vb.lr, vb.hr
+
+    @torch.no_grad()
+    def validate(self, val: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
+        self.generator.eval()
+        lr, hr = to_float(val[0], self.device), to_float(val[1], self.device)
+        sr = self.generator(lr).float().clamp(0, 1)
+        self.generator.train()
+        self._last_val = (lr, sr, hr)
+        return {"psnr": float(psnr(sr, hr, crop=self.scale).mean()), "ssim": float(ssim(sr, hr, crop=self.scale).mean())}
+
+    def write_preview(self) -> Path:
+        from PIL import Image
+
+        lr, sr, hr = self._last_val
+        rows = []
+        for i in range(min(4, lr.shape[0])):
+            up = F.interpolate(lr[i:i + 1], scale_factor=self.scale, mode="nearest")
+            row = torch.cat([up[0], sr[i], hr[i]], dim=-1)  # LR | SR | HR
+            rows.append(row)
+        grid = torch.cat(rows, dim=-2).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+        path = self.out / "previews" / f"iter_{self.iteration:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(path)
+        return path
+
+    # ------------------------------------------------------------------
+    def run(self) -> dict[str, float]:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        total_iters = cfg.get("iterations")
+        val = self.validation_set()
+        if self.iteration == 0:  # the starting point of the validation curve
+            with open(self.log_path, "a") as logf:
+                logf.write(json.dumps({"iteration": 0, **{f"val_{k}": v for k, v in self.validate(val).items()}})
+                           + "\n")
+        data_wait = step_time = 0.0
+        last: dict[str, float] = {}
+        batches = iter(self.stream)
+        with tqdm(total=total_iters, initial=self.iteration, unit="it", dynamic_ncols=True, disable=None) as bar, \
+                open(self.log_path, "a") as logf:
+            while self.iteration < total_iters:
+                t0 = time.perf_counter()
+                tb = next(batches)
+                t1 = time.perf_counter()
+                last = self.step(tb.lr, tb.hr, tb.hr_usm)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                t2 = time.perf_counter()
+                data_wait += t1 - t0
+                step_time += t2 - t0
+                self.iteration += 1
+                entry = {"iteration": self.iteration, **last, "data_wait_s": t1 - t0, "step_s": t2 - t0,
+                         "lr": self.opt_g.param_groups[0]["lr"]}
+                if self.iteration % cfg.val_every == 0 or self.iteration == total_iters:
+                    entry.update({f"val_{k}": v for k, v in self.validate(val).items()})
+                    if self.iteration % cfg.preview_every == 0 or self.iteration == total_iters:
+                        entry["preview"] = str(self.write_preview())
+                elif self.iteration % cfg.preview_every == 0:
+                    self.validate(val)
+                    entry["preview"] = str(self.write_preview())
+                logf.write(json.dumps(entry) + "\n")
+                logf.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['g_total']:.4f}", data=f"{100 * data_wait / max(step_time, 1e-9):.1f}%",
+                                **({"psnr": f"{entry['val_psnr']:.2f}"} if "val_psnr" in entry else {}))
+                if self.iteration % cfg.checkpoint_every == 0 or self.iteration == total_iters:
+                    self.save_checkpoint()
+        summary = {"iterations": self.iteration, "data_wait_fraction": data_wait / max(step_time, 1e-9), **last}
+        log.info("done: %s", summary)
+        return summary
+
+    def close(self) -> None:
+        close = getattr(self.source, "close", None)
+        if close:
+            close()
+
+
+# ---------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="grl-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=sorted(STAGE_DEFAULTS), default="l1", help="l1 (default) or gan")
+    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoints/, previews/, log.jsonl")
+    p.add_argument("--server", action="append", default=[],
+                   help="degrade-server address (repeat for several; default: an in-process engine)")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--token", default=None, help="bearer token of the servers (default: $DEGRADE_TOKEN)")
+    tok.add_argument("--token-file", type=Path, default=None, help="read the token from a file")
+    p.add_argument("--tls-ca", type=Path, default=None, help="servers use TLS: trust this CA certificate")
+    p.add_argument("--images", type=Path, default=None, help="in-process engine: HR image folder (default: sample)")
+    p.add_argument("--degradation-config", type=Path, default=None, help="in-process engine: TOML/YAML config")
+    p.add_argument("--engine-workers", type=int, default=None, help="in-process engine: worker processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iterations", type=int, default=None, help="total iterations (l1 700k, gan 280k)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 12 (l1), 6 (gan)")
+    p.add_argument("--lr", type=float, default=None, help="default: 2e-4 (l1), 1e-4 (gan)")
+    p.add_argument("--halve-every", type=int, default=None, help="halve the lr every N its (50k l1, 20k gan)")
+    p.add_argument("--pool-size", type=int, default=180, help="shuffle pool of pairs (default %(default)s)")
+    p.add_argument("--lr-crop", type=int, default=None, help="train on random LR crops of this size")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                   help="mixed precision (default auto: bf16 on CUDA, off on CPU)")
+    p.add_argument("--init", type=Path, default=None, help="generator weights to start from (gan: the L1 run)")
+    p.add_argument("--vgg-weights", type=Path, default=None,
+                   help="VGG-19 weights (torchvision's vgg19-dcbb9e9d.pth) for the gan stage; "
+                        "default: $DEGRADE_VGG19_WEIGHTS")
+    p.add_argument("--random-vgg", action="store_true", help=argparse.SUPPRESS)  # tests only
+    p.add_argument("--model-config", default="{}", help="JSON of GRL config overrides (tests: a tiny GRL)")
+    p.add_argument("--checkpoint-every", type=int, default=5000)
+    p.add_argument("--preview-every", type=int, default=1000)
+    p.add_argument("--val-every", type=int, default=5000)
+    p.add_argument("--val-pairs", type=int, default=8)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest.pt")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    token = args.token or (args.token_file.read_text().strip() if args.token_file else os.environ.get("DEGRADE_TOKEN"))
+    vgg = args.vgg_weights or (Path(os.environ["DEGRADE_VGG19_WEIGHTS"]) if os.environ.get("DEGRADE_VGG19_WEIGHTS")
+                               else None)
+    return TrainConfig(
+        stage=args.stage, out=args.out, servers=tuple(args.server), token=token, tls_ca=args.tls_ca,
+        images=args.images, degradation_config=args.degradation_config, engine_workers=args.engine_workers,
+        seed=args.seed, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
+        halve_every=args.halve_every, pool_size=args.pool_size, lr_crop=args.lr_crop, device=args.device,
+        amp=args.amp, init=args.init, vgg_weights=vgg, random_vgg=args.random_vgg,
+        model_overrides=json.loads(args.model_config), checkpoint_every=args.checkpoint_every,
+        preview_every=args.preview_every, val_every=args.val_every, val_pairs=args.val_pairs, resume=args.resume,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        cfg = config_from_args(args)
+        log.info("grl-train config: %s", cfg.to_json())
+        trainer = Trainer(cfg)
+    except (ValueError, FileNotFoundError, json.JSONDecodeError) as exc:
+        print(f"grl-train: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        latest = Path(cfg.out) / "checkpoints" / "latest.pt"
+        if cfg.resume:
+            if not latest.exists():
+                print(f"grl-train: error: --resume but no checkpoint at {latest}", file=sys.stderr)
+                return 2
+            trainer.load_state(torch.load(latest, map_location="cpu", weights_only=False))
+            log.info("resumed from %s at iteration %d", latest, trainer.iteration)
+        elif cfg.init is not None:
+            trainer.load_initial_weights(cfg.init)
+        elif cfg.stage == "gan":
+            log.warning("gan stage without --init: the generator starts from random weights")
+        trainer.run()
+    except KeyboardInterrupt:
+        print(f"grl-train: interrupted at iteration {trainer.iteration}; --resume continues from the last "
+              "checkpoint", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a clear one-line error for data/feed problems
+        from client import DegradeError
+
+        if isinstance(exc, (DegradeError, ValueError, FileNotFoundError)):
+            print(f"grl-train: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
