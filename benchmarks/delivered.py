@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -57,30 +56,29 @@ def server_process(images: Path, cfg: DegradationConfig, workers: int | None, de
                 proc.kill()
 
 
-def _client_main(address: str, seed: int, jobs: list[tuple[int, int]], ready, start, out) -> None:
+def _client_main(address: str, seed: int, jobs: list[tuple[int, int]], ready, start, out, streams: int = 2,
+                 group: int = 2) -> None:
     from client import DegradeClient
 
-    by_epoch: dict[int, list[int]] = defaultdict(list)
-    for e, k in jobs:
-        by_epoch[e].append(k)
-    with DegradeClient(address, streams_per_server=2, group_size=1) as client:
+    with DegradeClient(address, streams_per_server=streams, group_size=group) as client:
         client.info(seed, 0)  # connect before the clock starts
         ready.put(True)
         start.wait()
         pairs = nbytes = 0
-        for e, ks in by_epoch.items():
-            for b in client.epoch(seed, e, indices=ks):
-                pairs += len(b)
-                nbytes += b.lr.nbytes + b.hr.nbytes + b.hr_usm.nbytes
+        for b in client.jobs(seed, jobs):  # one run across epoch boundaries, as a trainer's stream
+            pairs += len(b)
+            nbytes += b.lr.nbytes + b.hr.nbytes + b.hr_usm.nbytes
         out.put((pairs, nbytes, time.perf_counter()))
 
 
-def deliver(address: str, seed: int, jobs: list[tuple[int, int]], clients: int) -> dict[str, float]:
+def deliver(address: str, seed: int, jobs: list[tuple[int, int]], clients: int, *, streams: int = 2,
+            group: int = 2) -> dict[str, float]:
     """Pull ``jobs`` with ``clients`` client processes (jobs dealt round robin); pairs/s and bytes/s."""
     ctx = mp.get_context("spawn")
     ready, start, out = ctx.Queue(), ctx.Event(), ctx.Queue()
     shares = [jobs[i::clients] for i in range(clients)]
-    procs = [ctx.Process(target=_client_main, args=(address, seed, share, ready, start, out), daemon=True)
+    procs = [ctx.Process(target=_client_main, args=(address, seed, share, ready, start, out, streams, group),
+                         daemon=True)
              for share in shares if share]
     for p in procs:
         p.start()

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -75,41 +75,51 @@ class ClientStats:
     per_server: dict[str, int] = field(default_factory=dict)
 
 
-def _array(t: pb.Tensor) -> np.ndarray:
-    if t.dtype != "uint8":
-        raise DegradeError(f"unexpected tensor dtype {t.dtype!r} from the server (expected uint8)")
-    shape = tuple(int(s) for s in t.shape)
-    arr = np.frombuffer(t.data, dtype=np.uint8)
-    if arr.size != int(np.prod(shape)):
-        raise DegradeError(f"tensor of shape {shape} carries {arr.size} bytes")
-    return arr.reshape(shape)
-
-
 class _Assembly:
-    """The chunks of one batch, until the last arrives."""
+    """The chunks of one batch, copied straight into arrays allocated once for the whole batch."""
 
     def __init__(self, first: pb.PairChunk):
         self.index = first.batch_index
         self.size = first.batch_size
-        self.parts: list[pb.PairChunk] = []
+        self.filled = 0
+        self.arrays: dict[str, np.ndarray] = {}
+        for name in ("lr", "hr", "hr_usm"):
+            if first.HasField(name):
+                t = getattr(first, name)
+                if t.dtype != "uint8" or len(t.shape) != 4:
+                    raise DegradeError(f"unexpected tensor {name}: dtype {t.dtype!r}, shape {list(t.shape)}")
+                self.arrays[name] = np.empty((self.size, *t.shape[1:]), np.uint8)
+        if "lr" not in self.arrays:
+            raise DegradeError(f"batch {self.index}: a chunk without LR")
+        self.ids: list[str] = []
+        self.records: list[str] = []
 
     def add(self, chunk: pb.PairChunk) -> bool:
-        expected = sum(c.lr.shape[0] for c in self.parts)
-        if chunk.first_patch != expected:
-            raise DegradeError(f"batch {self.index}: chunk at patch {chunk.first_patch}, expected {expected}")
-        self.parts.append(chunk)
+        if chunk.first_patch != self.filled or chunk.batch_size != self.size:
+            raise DegradeError(f"batch {self.index}: chunk at patch {chunk.first_patch} of {chunk.batch_size}, "
+                               f"expected {self.filled} of {self.size}")
+        n = chunk.lr.shape[0] if chunk.lr.shape else 0
+        if n < 1 or self.filled + n > self.size:
+            raise DegradeError(f"batch {self.index}: a chunk of {n} patches at {self.filled} of {self.size}")
+        for name, out in self.arrays.items():
+            t = getattr(chunk, name)
+            data = np.frombuffer(t.data, np.uint8)
+            if tuple(t.shape) != (n, *out.shape[1:]) or data.size != out[0].size * n:
+                raise DegradeError(f"batch {self.index}: {name} chunk of shape {list(t.shape)}, "
+                                   f"{data.size} bytes does not fit {out.shape}")
+            out[self.filled:self.filled + n] = data.reshape(n, *out.shape[1:])
+        self.ids.extend(chunk.patch_ids)
+        self.records.extend(chunk.records_json)
+        self.filled += n
         return chunk.last_chunk
 
     def build(self, seed: int, epoch: int, server: str) -> VideoBatch:
-        lr = np.concatenate([_array(c.lr) for c in self.parts])
-        hr = np.concatenate([_array(c.hr) for c in self.parts]) if self.parts[0].HasField("hr") else None
-        usm = np.concatenate([_array(c.hr_usm) for c in self.parts]) if self.parts[0].HasField("hr_usm") else None
-        ids = [i for c in self.parts for i in c.patch_ids]
-        records = [json.loads(r) for c in self.parts for r in c.records_json]
-        if not (len(lr) == len(ids) == len(records) == self.size):
-            raise DegradeError(f"batch {self.index}: {len(lr)} patches, {len(ids)} ids, {len(records)} records, "
-                               f"announced {self.size}")
-        return VideoBatch(seed, epoch, self.index, lr, hr, usm, records, ids, server)
+        if not (self.filled == len(self.ids) == len(self.records) == self.size):
+            raise DegradeError(f"batch {self.index}: {self.filled} patches, {len(self.ids)} ids, "
+                               f"{len(self.records)} records, announced {self.size}")
+        records = [json.loads(r) for r in self.records]
+        a = self.arrays
+        return VideoBatch(seed, epoch, self.index, a["lr"], a.get("hr"), a.get("hr_usm"), records, self.ids, server)
 
 
 class DegradeClient:
@@ -169,38 +179,47 @@ class DegradeClient:
         each exactly once: in arrival order, or with ``ordered`` in the order of ``indices``
         (a deterministic stream, e.g. for exactly resumable training)."""
         if indices is None:
-            i, n = shard
-            if not 0 <= i < n:
-                raise ValueError(f"shard {shard}: need 0 <= i < n")
+            i, n = _check_shard(shard)
             indices = range(i, self.num_batches(seed, epoch), n)
-        return self._fetch(seed, epoch, list(indices), ordered)
+        indices = list(indices)
+        if len(set(indices)) != len(indices):
+            raise ValueError("indices must not repeat")
+        return self.jobs(seed, [(epoch, k) for k in indices], ordered=ordered)
 
     def epochs(self, seed: int, start_epoch: int = 0, *, shard: tuple[int, int] = (0, 1),
                ordered: bool = False) -> Iterator[VideoBatch]:
-        """Endless: epoch after epoch of video batches."""
-        for e in count(start_epoch):
-            yield from self.epoch(seed, e, shard=shard, ordered=ordered)
+        """Endless: epoch after epoch of video batches. The streams run on across epoch
+        boundaries (the next epoch's batches are requested while the last ones arrive)."""
+        i, n = _check_shard(shard)
 
-    # ------------------------------------------------------------------
-    def _fetch(self, seed: int, epoch: int, indices: list[int], ordered: bool = False) -> Iterator[VideoBatch]:
-        if len(set(indices)) != len(indices):
-            raise ValueError("indices must not repeat")
-        run = _EpochRun(self, seed, epoch, indices)
+        def jobs() -> Iterator[tuple[int, int]]:
+            for e in count(start_epoch):
+                for k in range(i, self.num_batches(seed, e), n):
+                    yield e, k
+
+        return self.jobs(seed, jobs(), ordered=ordered)
+
+    def jobs(self, seed: int, jobs: Iterable[tuple[int, int]], *, ordered: bool = False) -> Iterator[VideoBatch]:
+        """The video batches named by ``(epoch, index)`` pairs (a list or an endless iterator), each
+        exactly once; ``ordered`` keeps the order of ``jobs``."""
+        run = _Run(self, seed, iter(jobs))
         try:
             if not ordered:
-                yield from run.results()
-                return
-            # reorder: hold early arrivals until every batch before them has arrived (or failed)
-            waiting: dict[int, VideoBatch] = {}
-            order = iter(indices)
-            nxt = next(order, None)
-            for batch in run.results(with_failures=True):
-                waiting[batch if isinstance(batch, int) else batch.index] = batch
-                while nxt is not None and nxt in waiting:
-                    item = waiting.pop(nxt)
-                    if not isinstance(item, int):
+                for item in run.results():
+                    if isinstance(item, VideoBatch):
                         yield item
-                    nxt = next(order, None)
+                return
+            # reorder: hold early arrivals until every job before them has arrived (or failed)
+            waiting: dict[int, Any] = {}
+            nxt = 0
+            for item in run.results():
+                seq = run.seq_of(item)
+                waiting[seq] = item
+                while nxt in waiting:
+                    got = waiting.pop(nxt)
+                    if isinstance(got, VideoBatch):
+                        yield got
+                    nxt += 1
         finally:
             run.stop()
 
@@ -215,19 +234,39 @@ class DegradeClient:
         self.close()
 
 
-class _EpochRun:
-    """The streams of one epoch: a queue of index groups, one thread per (server, stream slot)."""
+def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    i, n = shard
+    if not 0 <= i < n:
+        raise ValueError(f"shard {shard}: need 0 <= i < n")
+    return i, n
 
-    def __init__(self, client: DegradeClient, seed: int, epoch: int, indices: list[int]):
-        self.client, self.seed, self.epoch = client, seed, epoch
-        self.remaining = set(indices)
-        self.total = len(indices)
-        self.todo: deque[list[int]] = deque(
-            indices[i:i + client.group_size] for i in range(0, len(indices), client.group_size))
+
+@dataclass(frozen=True)
+class _Failed:
+    """A batch a server reported it could not make (accounted for, not delivered)."""
+
+    epoch: int
+    index: int
+
+
+class _Run:
+    """Streams for a sequence of (epoch, index) jobs: one thread per (server, stream slot), each
+    taking the next group of jobs (one epoch, up to ``group_size``), so every server stays busy
+    across epoch boundaries.  Jobs come from an iterator (possibly endless), pulled only when a
+    stream is free: at most streams x group_size jobs are requested ahead of the consumer."""
+
+    def __init__(self, client: DegradeClient, seed: int, jobs: Iterator[tuple[int, int]]):
+        self.client, self.seed = client, seed
+        self._jobs = jobs
+        self._peek: tuple[int, int] | None = None
+        self.exhausted = False
+        self.dispatched = 0  # jobs pulled from the iterator
+        self.seq: dict[tuple[int, int], int] = {}
+        self.remaining: set[tuple[int, int]] = set()  # pulled, not yet delivered or failed
+        self.todo: deque[list[tuple[int, int]]] = deque()  # groups put back after a failure
         self.cond = threading.Condition()
         self.out: queue.Queue = queue.Queue(maxsize=client.queue_batches)
         self.stopping = threading.Event()
-        self.delivered: set[int] = set()
         self.calls: set[Any] = set()
         self.last_progress = time.monotonic()
         self.threads = [
@@ -237,26 +276,30 @@ class _EpochRun:
         for t in self.threads:
             t.start()
 
+    def seq_of(self, item: "VideoBatch | _Failed") -> int:
+        return self.seq[(item.epoch, item.index)]
+
     # ---- consumer side ----
-    def results(self, with_failures: bool = False) -> Iterator[VideoBatch | int]:
-        """Batches as they arrive (and, ``with_failures``, the index of each batch a server could not make)."""
-        accounted = 0  # batches received plus batches a server reported it could not make
-        while accounted < self.total:
+    def results(self) -> Iterator["VideoBatch | _Failed"]:
+        """Batches as they arrive, and a :class:`_Failed` for each batch a server could not make."""
+        accounted = 0
+        while True:
+            with self.cond:
+                if self.exhausted and accounted == self.dispatched:
+                    return
             try:
                 item = self.out.get(timeout=0.5)
             except queue.Empty:
                 if time.monotonic() - self.last_progress > self.client.give_up_after:
+                    with self.cond:
+                        missing = sorted(self.remaining)[:10]
                     raise DegradeError(f"no server delivered anything for {self.client.give_up_after:.0f} s; "
-                                       f"{len(self.remaining)} batch(es) of epoch {self.epoch} missing: "
-                                       f"{sorted(self.remaining)[:10]}", grpc.StatusCode.UNAVAILABLE)
+                                       f"missing (epoch, batch): {missing}", grpc.StatusCode.UNAVAILABLE)
                 continue
             if isinstance(item, BaseException):
                 raise item
             accounted += 1
-            if isinstance(item, VideoBatch):
-                yield item
-            elif with_failures:
-                yield item[1]
+            yield item
 
     def stop(self) -> None:
         self.stopping.set()
@@ -272,19 +315,51 @@ class _EpochRun:
                 break
 
     # ---- stream side ----
-    def _take(self) -> list[int] | None:
-        with self.cond:
-            while not self.todo:
-                if self.stopping.is_set() or not self.remaining:
-                    return None
-                self.cond.wait(0.5)
-            if self.stopping.is_set():
-                return None
-            return self.todo.popleft()
+    def _pull(self) -> tuple[int, int] | None:
+        """The next job from the iterator (under the lock), or None when it is exhausted."""
+        if self._peek is not None:
+            job, self._peek = self._peek, None
+            return job
+        if self.exhausted:
+            return None
+        job = next(self._jobs, None)  # may call GetInfo (endless epochs): errors reach the consumer
+        if job is None:
+            self.exhausted = True
+            return None
+        job = (int(job[0]), int(job[1]))
+        if job in self.seq:
+            raise ValueError(f"job {job} appears twice")
+        self.seq[job] = self.dispatched
+        self.dispatched += 1
+        self.remaining.add(job)
+        return job
 
-    def _put_back(self, group: list[int]) -> None:
+    def _take(self) -> list[tuple[int, int]] | None:
         with self.cond:
-            missing = [k for k in group if k in self.remaining]
+            while True:
+                if self.stopping.is_set():
+                    return None
+                if self.todo:
+                    return self.todo.popleft()
+                first = self._pull()
+                if first is not None:
+                    group = [first]
+                    while len(group) < self.client.group_size:
+                        nxt = self._pull()
+                        if nxt is None:
+                            break
+                        if nxt[0] != first[0]:  # one request = one epoch
+                            self._peek = nxt
+                            break
+                        group.append(nxt)
+                    return group
+                if not self.remaining:
+                    return None
+                self.cond.wait(0.5)  # others are in flight and may be put back
+
+    def _put_back(self, group: list[tuple[int, int]]) -> None:
+        with self.cond:
+            missing = [job for job in group if job in self.remaining]
             if missing:
                 self.todo.appendleft(missing)
                 self.cond.notify_all()
@@ -298,37 +373,45 @@ class _EpochRun:
                 continue
         return False
 
+    def _fatal(self, exc: BaseException) -> None:
+        self._emit(exc)
+        self.stopping.set()
+
     def _worker(self, address: str) -> None:
         client = self.client
         stub = client._stubs[address]
         backoff = 0.2
         while not self.stopping.is_set():
-            group = self._take()
+            try:
+                group = self._take()
+            except Exception as exc:  # noqa: BLE001 - e.g. no server answered GetInfo for the next epoch
+                self._fatal(exc if isinstance(exc, DegradeError) else DegradeError(str(exc)))
+                return
             if group is None:
                 return
-            request = pb.BatchRequest(seed=self.seed, epoch=self.epoch, index_list=pb.IndexList(indices=group),
+            epoch = group[0][0]
+            request = pb.BatchRequest(seed=self.seed, epoch=epoch,
+                                      index_list=pb.IndexList(indices=[k for _, k in group]),
                                       include_hr=client.include_hr, include_hr_usm=client.include_hr_usm,
                                       config_overrides_json=client.config_overrides_json)
             call = stub.StreamBatches(request, metadata=client._metadata)
             with self.cond:
                 self.calls.add(call)
             try:
-                self._receive(call, address)
+                self._receive(call, address, epoch)
                 backoff = 0.2
-                # indices of the group the server never mentioned (should not happen) go back too
-                self._put_back(group)
+                self._put_back(group)  # jobs the server never mentioned (should not happen) go back too
             except grpc.RpcError as exc:
                 code = exc.code()
                 if self.stopping.is_set():
                     return
                 if code not in RETRYABLE:
-                    self._emit(DegradeError(f"{address}: {code.name}: {exc.details()}", code))
-                    self.stopping.set()
+                    self._fatal(DegradeError(f"{address}: {code.name}: {exc.details()}", code))
                     return
                 with client._lock:
                     client.stats.retries += 1
-                log.warning("%s: %s (%s); re-requesting batches %s elsewhere", address, code.name, exc.details(),
-                            [k for k in group if k in self.remaining])
+                log.warning("%s: %s (%s); re-requesting %s elsewhere", address, code.name, exc.details(),
+                            [job for job in group if job in self.remaining])
                 self._put_back(group)
                 self.stopping.wait(backoff)  # let the other servers take the group first
                 backoff = min(backoff * 2, 5.0)
@@ -341,38 +424,36 @@ class _EpochRun:
                 with self.cond:
                     self.calls.discard(call)
 
-    def _receive(self, call: Any, address: str) -> None:
-        client = self.client
+    def _receive(self, call: Any, address: str, epoch: int) -> None:
         current: _Assembly | None = None
         for chunk in call:
             if self.stopping.is_set():
                 call.cancel()
                 return
             if chunk.batch_error:
-                self._done(chunk.batch_index, None, chunk.batch_error)
+                self._done(epoch, chunk.batch_index, None, chunk.batch_error)
                 current = None
                 continue
             if current is None or current.index != chunk.batch_index:
                 current = _Assembly(chunk)
             if current.add(chunk):
-                batch = current.build(self.seed, self.epoch, address)
+                batch = current.build(self.seed, epoch, address)
                 current = None
-                self._done(batch.index, batch, None)
+                self._done(epoch, batch.index, batch, None)
 
-    def _done(self, index: int, batch: VideoBatch | None, error: str | None) -> None:
+    def _done(self, epoch: int, index: int, batch: VideoBatch | None, error: str | None) -> None:
         with self.cond:
-            if index not in self.remaining:  # already delivered by another stream: drop the copy
+            if (epoch, index) not in self.remaining:  # already delivered by another stream: drop the copy
                 return
-            self.remaining.discard(index)
-            self.delivered.add(index)
+            self.remaining.discard((epoch, index))
             self.last_progress = time.monotonic()
             self.cond.notify_all()
         client = self.client
         if batch is None:
             with client._lock:
-                client.failures.append((self.epoch, index, error or ""))
+                client.failures.append((epoch, index, error or ""))
             log.error("server could not make a batch: %s", error)
-            self._emit(("failed", index))
+            self._emit(_Failed(epoch, index))
             return
         with client._lock:
             s = client.stats
