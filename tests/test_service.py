@@ -382,3 +382,24 @@ def test_hardware_codec_request_without_a_gpu_falls_back_to_software(make_server
     from server.serve import main
 
     assert main(["--codec-backend", "quantum", "--port", "0"]) == 2  # a clear error, no traceback
+
+
+def test_tls_with_a_self_signed_certificate(make_server, tmp_path):
+    import shutil as sh
+
+    if sh.which("openssl") is None:
+        pytest.skip("the openssl command makes the test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    _, address = make_server(tls_cert=cert, tls_key=key, token="tls-tok")
+    port = address.rsplit(":", 1)[1]
+    from client import TLS
+
+    with DegradeClient(f"localhost:{port}", tls=TLS(ca=cert), token="tls-tok") as client:
+        assert client.info().num_images == 5
+        assert len(next(iter(client.epoch(SEED, 0, indices=[0]))).lr) >= 1
+    with DegradeClient(f"localhost:{port}", token="tls-tok", give_up_after=3) as plain:
+        with pytest.raises(DegradeError):  # plaintext against a TLS port
+            plain.info(timeout=3)
