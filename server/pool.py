@@ -104,6 +104,7 @@ class BatchProducer:
         self._plans: OrderedDict[tuple[str | None, int, int], EpochPlan] = OrderedDict()
         self._pool: ProcessPoolExecutor | None = None
         self._generation = 0  # bumped at each pool restart, so one broken pool is restarted once
+        self._closed = False
         self._engines: _EngineCache | None = None
         self._inline_lock = threading.Lock()  # one in-process engine: one batch at a time
         #: batches submitted and not yet handed to their consumer (all consumers together)
@@ -132,6 +133,8 @@ class BatchProducer:
 
     def _ensure_pool(self) -> tuple[ProcessPoolExecutor, int]:
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the batch producer was shut down")
             if self._pool is None:
                 threads = max(1, default_workers() // max(1, self.workers))
                 self._pool = ProcessPoolExecutor(
@@ -220,6 +223,8 @@ class BatchProducer:
                 try:
                     result = fut.result()
                 except BrokenProcessPool:
+                    if self._closed:  # close(terminate=True) ended the workers: nobody waits for this batch
+                        return
                     if job in restarted:
                         raise RuntimeError(f"batch {job} killed its worker process twice; giving up") from None
                     restarted.add(job)
@@ -273,6 +278,7 @@ class BatchProducer:
         (a server shutting down does not wait for batches nobody will receive)."""
         with self._lock:
             pool, self._pool = self._pool, None
+            self._closed = self._closed or terminate
         if pool is None:
             return
         if terminate:
