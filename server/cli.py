@@ -3,7 +3,7 @@
     degrade sample-data DIR          write the built-in sample photographs
     degrade generate --out OUT       degrade a folder into LR/HR/USM PNGs + records.jsonl
     degrade preview --out sheet.png  a contact sheet of HR/LR pairs with their codecs
-    degrade bench                    the standard workload of BENCH.md (engine, codec limit, naive)
+    degrade bench                    the standard workload of BENCH.md (engine, delivered, codec limit, naive)
     degrade demo --out OUT           sample data -> a few hundred pairs -> preview sheet
     degrade serve ...                the gRPC server (same as ``degrade-server``)
     degrade health ...               probe a server's health (same as ``degrade-health``)
@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=24, help="number of pairs (default 24)")
     p.add_argument("--per-batch", type=int, default=4, help="pairs taken from each video batch (default 4)")
 
-    p = sub.add_parser("bench", help="standard workload of shared/spec/BENCH.md: engine vs codec limit vs naive")
+    p = sub.add_parser("bench", help="standard workload of shared/spec/BENCH.md: engine, delivered over gRPC, "
+                                     "codec limit, naive")
     _common(p)
     p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (default 3)")
     p.add_argument("--batches", type=int, default=2, help="video batches per timed run (default 2)")
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-delivered", action="store_true", help="skip the gRPC delivery figures")
     p.add_argument("--clients", type=int, default=4, help="client processes of the many-clients figure (default 4)")
 
-    p = sub.add_parser("demo", help="sample data -> a few hundred pairs (progress bar) -> preview sheet")
+    p = sub.add_parser("demo", help="sample data -> a few hundred pairs (progress bar) -> preview sheet -> "
+                                    "the same served over gRPC")
     _common(p)
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default out)")
     p.add_argument("--limit", type=int, default=300, help="pairs to generate (default 300)")
