@@ -77,10 +77,13 @@ class TrainConfig:
     val_every: int = 5000
     val_pairs: int = 8
     resume: bool = False
+    compile: str = "off"                  # off | default | reduce-overhead (CUDA graphs) | max-autotune | eager (tests)
 
     def __post_init__(self) -> None:
         if self.stage not in STAGE_DEFAULTS:
             raise ValueError(f"stage must be one of {sorted(STAGE_DEFAULTS)}, got {self.stage!r}")
+        if self.compile not in ("off", "default", "reduce-overhead", "max-autotune", "eager"):
+            raise ValueError(f"compile must be off, default, reduce-overhead, max-autotune or eager, got {self.compile!r}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
 
@@ -158,6 +161,13 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # model init and drop-path draws; saved and restored with checkpoints
         self.generator = build_grl_small(**cfg.model_overrides).to(self.device)
         self.scale = int(getattr(self.generator, "upscale", 4))
+        # the compiled callable shares the generator's parameters; checkpoints use the plain module
+        if cfg.compile == "off":
+            self.forward_train = self.generator
+        elif cfg.compile == "eager":  # torch.compile's plumbing without code generation (tests)
+            self.forward_train = torch.compile(self.generator, backend="eager")
+        else:
+            self.forward_train = torch.compile(self.generator, mode=cfg.compile)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.get("lr"), betas=cfg.betas)
         self.sched_g = torch.optim.lr_scheduler.StepLR(self.opt_g, step_size=cfg.get("halve_every"), gamma=0.5)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
@@ -266,7 +276,7 @@ class Trainer:
             for p in self.discriminator.parameters():
                 p.requires_grad_(False)
         with autocast:
-            sr = self.generator(lr)
+            sr = self.forward_train(lr)
             l1 = F.l1_loss(sr.float(), usm)
             total = cfg.l1_weight * l1
             losses["l1"] = float(l1.detach())
@@ -426,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-every", type=int, default=5000)
     p.add_argument("--val-pairs", type=int, default=8)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest.pt")
+    p.add_argument("--compile", nargs="?", const="default", default="off",
+                   choices=("off", "default", "reduce-overhead", "max-autotune", "eager"),
+                   help="torch.compile the generator (worth it on CUDA, where eager steps are launch-bound); "
+                        "--compile reduce-overhead adds CUDA graphs")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -442,6 +456,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         amp=args.amp, init=args.init, vgg_weights=vgg, random_vgg=args.random_vgg,
         model_overrides=json.loads(args.model_config), checkpoint_every=args.checkpoint_every,
         preview_every=args.preview_every, val_every=args.val_every, val_pairs=args.val_pairs, resume=args.resume,
+        compile=args.compile,
     )
 
 

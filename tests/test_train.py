@@ -151,3 +151,12 @@ def test_trains_from_a_degrade_server(tmp_path, make_server, photo_dir, service_
     steps = [e for e in _log(tmp_path / "s" / "log.jsonl") if "l1" in e]
     assert [e["iteration"] for e in steps] == [1, 2]
     shutil.rmtree(tmp_path / "s")
+
+
+def test_compiled_generator_trains_and_checkpoints_plain_keys(tmp_path, photo_dir, service_cfg_file, cached_source):
+    cfg = _cfg(tmp_path, photo_dir, service_cfg_file, iterations=2, compile="eager")
+    Trainer(cfg, source=cached_source).run()
+    ckpt = torch.load(cfg.out / "checkpoints" / "latest.pt", weights_only=False)
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["generator"])  # loads into a plain GRL
+    steps = [e for e in _log(cfg.out / "log.jsonl") if "l1" in e]
+    assert len(steps) == 2 and all(np.isfinite(e["l1"]) for e in steps)
