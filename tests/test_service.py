@@ -403,3 +403,45 @@ def test_tls_with_a_self_signed_certificate(make_server, tmp_path):
     with DegradeClient(f"localhost:{port}", token="tls-tok", give_up_after=3) as plain:
         with pytest.raises(DegradeError):  # plaintext against a TLS port
             plain.info(timeout=3)
+
+
+def test_random_hostile_requests_never_get_unknown_or_internal(make_server):
+    """A small fuzz run: random field values and random bytes, every answer a deliberate status."""
+    import random
+
+    rng = random.Random(1234)
+    srv, address = make_server()
+    ch = grpc.insecure_channel(address)
+    stub, raw = pbg.DegraderStub(ch), ch.unary_stream("/degrade.v1.Degrader/StreamBatches")
+    keys = list(json.loads(srv.service.cfg.to_json()))
+    values = [None, True, -1, 0, 1, 2**70, -2**70, 1e308, "x" * 70, [], [1], [1, 2], [2, 1], [0, 0, 1, 0],
+              {"a": 1}, [[1]], "nan", 0.5]
+    seen = Counter()
+    for _ in range(60):
+        req = pb.BatchRequest(seed=rng.choice([0, 1, 2**64 - 1]), epoch=rng.choice([0, 5, 2**64 - 1]),
+                              include_hr=rng.random() < 0.5, max_chunk_bytes=rng.choice([0, 1, 2**32 - 1]))
+        if rng.random() < 0.5:
+            req.index_list.indices.extend(rng.choice([0, 1, 3, 2**31, 2**32 - 1]) for _ in range(rng.randint(0, 3)))
+        else:
+            req.index_range.start, req.index_range.stop = rng.choice([0, 2, 2**32 - 1]), rng.choice([0, 1, 2**32 - 1])
+        if rng.random() < 0.7:
+            req.config_overrides_json = json.dumps({rng.choice(keys): rng.choice(values)
+                                                    for _ in range(rng.randint(1, 3))})
+        body = req.SerializeToString()
+        if rng.random() < 0.2:  # flip bytes: often not protobuf any more
+            body = bytes(b ^ rng.randrange(256) if rng.random() < 0.1 else b for b in body)
+        call = raw(body, timeout=60)
+        try:
+            next(call)
+            seen["OK"] += 1
+        except StopIteration:
+            seen["OK"] += 1
+        except grpc.RpcError as exc:
+            seen[exc.code().name] += 1
+            # RESOURCE_EXHAUSTED: valid requests whose cancelled predecessors still hold stream slots
+            assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), (
+                exc.code(), exc.details(), body[:80])
+        finally:
+            call.cancel()
+    assert seen["INVALID_ARGUMENT"] > 30 and seen["OK"] >= 1, seen
+    assert stub.GetInfo(pb.InfoRequest(), timeout=10).num_images == 5  # still serving
