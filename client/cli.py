@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .client import DegradeClient, DegradeError
+from .connection import resolve_token
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     servers = args.server or [os.environ.get("DEGRADE_SERVER", "localhost:50051")]
-    token = args.token or (args.token_file.read_text().strip() if args.token_file else os.environ.get("DEGRADE_TOKEN"))
+    token = resolve_token(args.token, args.token_file)
     tls = args.tls_ca if args.tls_ca else (True if args.tls else None)
     if args.pairs < 1:
         print("degrade-client: error: --pairs must be at least 1", file=sys.stderr)

@@ -9,6 +9,7 @@ over every resolved server.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,11 @@ def make_channel(address: str, tls: TLS | bool | str | Path | None = None) -> gr
     if tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
     return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root), options=options)
+
+
+def resolve_token(token: str | None, token_file: Path | None) -> str | None:
+    """The bearer token of a client command: ``--token``, else ``--token-file``, else ``$DEGRADE_TOKEN``."""
+    return token or (token_file.read_text().strip() if token_file else os.environ.get("DEGRADE_TOKEN"))
 
 
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

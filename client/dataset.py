@@ -15,7 +15,7 @@ are made here, from the shuffle pool.
 from __future__ import annotations
 
 from itertools import count
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -72,7 +72,7 @@ class DegradeDataset(IterableDataset):
         return DegradeClient(self.addresses, token=self.token, tls=self.tls, include_hr=True,
                              include_hr_usm=self.include_hr_usm, **self.client_kwargs)
 
-    def batches(self, on_epoch: Callable[[int], None] | None = None) -> Iterator[TrainingBatch]:
+    def batches(self) -> Iterator[TrainingBatch]:
         """Training batches as numpy arrays (what ``__iter__`` turns into tensors)."""
         shard = self._shard()
         buf = ShuffleBuffer(self.pool_size, self.batch_size, seed=(self.seed * 1_000_003 + shard[0]) & 0xFFFFFFFF)
@@ -81,8 +81,6 @@ class DegradeDataset(IterableDataset):
             epochs = count(self.start_epoch) if self.epochs is None else range(self.start_epoch,
                                                                                self.start_epoch + self.epochs)
             for e in epochs:
-                if on_epoch is not None:
-                    on_epoch(e)
                 for vb in source.epoch(self.seed, e, shard=shard):
                     yield from buf.add(vb.lr, vb.hr, vb.hr_usm, vb.records)
             yield from buf.drain(drop_last=self.drop_last)

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from server.config import DegradationConfig
+
 from .data import TrainingStream
 from .quality import psnr, ssim
 
@@ -186,6 +188,8 @@ class Trainer:
             self.gan_loss = GANLoss(loss_weight=cfg.gan_weight)
         self.flip_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.iteration = 0
+        #: the in-process engine's config (training source without servers, and the validation set)
+        self.engine_cfg = DegradationConfig.load(cfg.degradation_config)
         self.source = source if source is not None else self._source()
         self.stream = TrainingStream(self.source, seed=cfg.seed, batch_size=cfg.get("batch_size"),
                                      pool_size=cfg.pool_size)
@@ -198,10 +202,8 @@ class Trainer:
 
             return DegradeClient(list(cfg.servers), token=cfg.token, tls=cfg.tls_ca)
         from client.local import LocalSource
-        from server.config import DegradationConfig
 
-        dcfg = DegradationConfig.from_file(cfg.degradation_config) if cfg.degradation_config else None
-        return LocalSource(cfg.images, cfg=dcfg, workers=cfg.engine_workers)
+        return LocalSource(cfg.images, cfg=self.engine_cfg, workers=cfg.engine_workers)
 
     # ------------------------------------------------------------------
     def load_initial_weights(self, path: Path) -> None:
@@ -310,13 +312,10 @@ class Trainer:
         """A fixed set: ``val_pairs`` pairs of the training photographs (default: the sample set),
         degraded with seed 2**31-1 - never a training seed's batch."""
         from client.local import LocalSource
-        from server.config import DegradationConfig
 
         n = self.cfg.val_pairs
-        base = DegradationConfig.from_file(self.cfg.degradation_config) if self.cfg.degradation_config else \
-            DegradationConfig()
-        src = LocalSource(self.cfg.images, cfg=base.replace(video_batch_size=n, first_batch_range=(n, n)), workers=0,
-                          include_hr_usm=False)
+        src = LocalSource(self.cfg.images, cfg=self.engine_cfg.replace(video_batch_size=n, first_batch_range=(n, n)),
+                          workers=0, include_hr_usm=False)
         try:
             vb = next(iter(src.epoch(2**31 - 1, 0, indices=[0])))
         finally:
@@ -445,7 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    token = args.token or (args.token_file.read_text().strip() if args.token_file else os.environ.get("DEGRADE_TOKEN"))
+    from client.connection import resolve_token
+
+    token = resolve_token(args.token, args.token_file)
     vgg = args.vgg_weights or (Path(os.environ["DEGRADE_VGG19_WEIGHTS"]) if os.environ.get("DEGRADE_VGG19_WEIGHTS")
                                else None)
     return TrainConfig(

@@ -93,9 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------
 def load_config(args: argparse.Namespace) -> DegradationConfig:
-    if args.config is not None:  # a non-default --profile wins over the file's; the file's keys over the profile
-        return DegradationConfig.from_file(args.config, **({"profile": args.profile} if args.profile != "vcisr" else {}))
-    return DegradationConfig.for_profile(args.profile)
+    return DegradationConfig.load(args.config, args.profile)
 
 
 def open_images(args: argparse.Namespace, cfg: DegradationConfig):

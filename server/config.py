@@ -246,6 +246,14 @@ class DegradationConfig:
         data.update(overrides)
         return cls.from_dict(data)
 
+    @classmethod
+    def load(cls, path: str | Path | None = None, profile: str = "vcisr") -> "DegradationConfig":
+        """A command line's config: the profile's defaults, or the file with a non-default
+        ``profile`` winning over the file's (the file's keys over the profile's)."""
+        if path is None:
+            return cls.for_profile(profile)
+        return cls.from_file(path, **({"profile": profile} if profile != "vcisr" else {}))
+
     def replace(self, **overrides: Any) -> "DegradationConfig":
         merged = self.to_dict()
         merged.update(overrides)

@@ -151,9 +151,7 @@ class DegradeServer:
 
 def create_server(config: ServerConfig) -> tuple[DegradeServer, int]:
     """Build the server (not started): images scanned, pool ready, port bound. Returns (server, port)."""
-    cfg = (DegradationConfig.from_file(config.config_file, **({"profile": config.profile}
-                                                              if config.profile != "vcisr" else {}))
-           if config.config_file is not None else DegradationConfig.for_profile(config.profile))
+    cfg = DegradationConfig.load(config.config_file, config.profile)
     if config.images is not None:
         root = config.images
     else:

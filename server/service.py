@@ -134,14 +134,11 @@ class DegradeService:
                          f"the request is not a valid degrade.v1.{cls.__name__} message: {exc}")
         return msg
 
-    def _plan(self, seed: int, epoch: int, cfg: DegradationConfig):
-        return self.producer.plan(seed, epoch, cfg)
-
     def get_info(self, raw: bytes, context: grpc.ServicerContext) -> pb.ServerInfo:
         req = self._parse(raw, pb.InfoRequest, context)
         try:
             cfg = resolve_config(self.cfg, req.config_overrides_json, max_video_batch=self.max_video_batch)
-            plan = self._plan(int(req.seed), int(req.epoch), cfg)
+            plan = self.producer.plan(int(req.seed), int(req.epoch), cfg)
         except RequestError as exc:
             self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return pb.ServerInfo(
@@ -171,7 +168,7 @@ class DegradeService:
             self._reject(context, grpc.StatusCode.UNAVAILABLE,
                          "this server is shutting down; ask another server for these batches")
         try:
-            job = validate_batch_request(req, self.cfg, self._plan, max_video_batch=self.max_video_batch)
+            job = validate_batch_request(req, self.cfg, self.producer.plan, max_video_batch=self.max_video_batch)
         except RequestError as exc:
             self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         with self._lock:

@@ -245,18 +245,18 @@ class _FrameSink:
                     f"{self.codec}: decoded {frame.width}x{frame.height}, "
                     f"encoded {plan.enc_w}x{plan.enc_h}"
                 )
-            self.out[self.count] = self.sws.reformat(
-                frame,
-                width=plan.rgb_w,
-                format="rgb24",
-                interpolation=INTERPOLATION,
-                threads=1,
-            ).to_ndarray()
+            self.out[self.count] = _to_rgb(self.sws, frame, plan)
             self.count += 1
 
     def check_complete(self) -> None:
         if self.count != self.n:
             raise CodecError(f"{self.codec}: decoder returned {self.count} of {self.n} frames")
+
+
+def _to_rgb(sws: VideoReformatter, frame: VideoFrame, plan: _Plan) -> np.ndarray:
+    """A decoded yuv420p frame to RGB at the plan's RGB width (the aspect resize fused in)."""
+    return sws.reformat(frame, width=plan.rgb_w, format="rgb24", interpolation=INTERPOLATION,
+                        threads=1).to_ndarray()
 
 
 def _finish(out: np.ndarray, plan: _Plan, sws: VideoReformatter) -> np.ndarray:
@@ -446,13 +446,7 @@ def _yuv420p_to_rgb(yuv: np.ndarray, plan: _Plan, codec: str) -> np.ndarray:
     out = np.empty((yuv.shape[0], plan.enc_h, plan.rgb_w, 3), np.uint8)
     for i in range(yuv.shape[0]):
         _fill_yuv420p(frame, yuv[i].reshape(-1), plan.enc_w, plan.enc_h)
-        out[i] = sws_out.reformat(
-            frame,
-            width=plan.rgb_w,
-            format="rgb24",
-            interpolation=INTERPOLATION,
-            threads=1,
-        ).to_ndarray()
+        out[i] = _to_rgb(sws_out, frame, plan)
     return _finish(out, plan, sws_out)
 
 
