@@ -91,7 +91,8 @@ def run_bench(folder: ImageFolder, cfg: DegradationConfig, *, device: str = "cpu
         "workload": {"patch_size": cfg.patch_size, "lr_size": cfg.lr_size, "video_batch": cfg.video_batch_size,
                      "profile": cfg.profile, "batches_per_run": per_run, "runs": runs, "workers": nworkers},
     }
-    with BatchProducer(folder, cfg, workers=nworkers, device=device, keep_precodec=True) as producer:
+    with BatchProducer(folder, cfg, workers=nworkers, device=device, keep_precodec=True,
+                        time_stages=True) as producer:
         chosen = full_batches(producer, seed, per_run * (runs + 1), cfg.video_batch_size)
         groups = [chosen[i * per_run:(i + 1) * per_run] for i in range(runs + 1)]
         engine_rates: dict[bool, list[float]] = {True: [], False: []}

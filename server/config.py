@@ -107,7 +107,9 @@ class DegradationConfig:
     mpeg2_aspect: bool = False
 
     # --- implementation choices (spec section 3.4 allows the JPEG swap) ---
-    jpeg_impl: str = "libjpeg"  # libjpeg (libjpeg-turbo, CPU) | diffjpeg (kornia)
+    #: auto = libjpeg-turbo on the CPU, kornia's DiffJPEG on a GPU (no host round trip inside the
+    #: device stage); libjpeg | diffjpeg force one everywhere.  The record names the one that ran.
+    jpeg_impl: str = "auto"
 
     # --- reference-code quirks (section 7) ---
     kernel_per_batch: bool = False
@@ -167,8 +169,8 @@ class DegradationConfig:
             problems.append(f"resize_range1 must satisfy 0 < low <= 1 <= high <= 4, got {self.resize_range1}")
         if not 0 < self.resize_range2[0] <= 1 <= self.resize_range2[1] <= 4:
             problems.append(f"resize_range2 must satisfy 0 < low <= 1 <= high <= 4, got {self.resize_range2}")
-        if self.jpeg_impl not in ("libjpeg", "diffjpeg"):
-            problems.append(f"jpeg_impl must be 'libjpeg' or 'diffjpeg', got {self.jpeg_impl!r}")
+        if self.jpeg_impl not in ("auto", "libjpeg", "diffjpeg"):
+            problems.append(f"jpeg_impl must be 'auto', 'libjpeg' or 'diffjpeg', got {self.jpeg_impl!r}")
         if not (1 <= self.fps_range[0] and self.fps_range[1] <= 240):
             problems.append(f"fps_range must lie in [1, 240], got {self.fps_range}")
         if not 1 <= self.mpeg2_fps <= 240:

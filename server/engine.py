@@ -20,7 +20,7 @@ import torch
 
 from . import filters, jpeg, kernels, noise
 from .resize import resize
-from .codecs import CodecBackend, CodecError, SoftwareBackend, compress_video
+from .codecs import CodecBackend, CodecError, SoftwareBackend, VideoParams, compress_video
 from .config import DegradationConfig
 from .epoch_plan import EpochPlan, PatchRef
 from .images import ImageFolder
@@ -63,28 +63,94 @@ class BatchResult:
         return len(self.records)
 
 
+@dataclass
+class DeviceOutput:
+    """What the device stage hands to the video block: uint8 NHWC tensors on the engine's device.
+
+    ``lr`` holds the frames that enter the video block (V2 ending) or the final LR
+    (V1 ending, which needs no codec).  ``usm`` is the sharpened HR, when wanted.
+    """
+
+    params: BatchParams
+    lr: torch.Tensor
+    usm: torch.Tensor | None
+
+    @property
+    def needs_codec(self) -> bool:
+        return self.params.ending == "v2"
+
+
+def resolve_jpeg_impl(impl: str, device: torch.device) -> str:
+    """``auto`` -> libjpeg-turbo on the CPU, kornia's DiffJPEG on a GPU (it stays on the device:
+    no host round trip, no split of the device stage); anything else as given."""
+    if impl == "auto":
+        return "diffjpeg" if device.type == "cuda" else "libjpeg"
+    return impl
+
+
 class Engine:
-    """Runs the VCISR degradation of spec sections 3-6 on one device."""
+    """Runs the VCISR degradation of spec sections 3-6 on one device.
+
+    A batch is three steps, which the whole-batch path (:meth:`make_batch`) runs
+    one after another and the split pipeline (``server.split_pipeline``) runs in
+    different places: HR crops (:func:`crop_patches`, CPU), the device stage
+    (:meth:`device_stage`: USM, first and second order, the ending up to the codec
+    boundary), and the video block (:func:`video_block`, CPU codecs).  Both paths
+    call these same functions, so both give the same bytes.
+
+    ``time_stages``: per-stage timings in :attr:`BatchResult.timings`.  Off, the
+    engine never waits for the device; on, CUDA stages are timed with CUDA events
+    (no synchronisation inside the batch either).
+    """
 
     def __init__(self, cfg: DegradationConfig | None = None, device: str | torch.device = "cpu",
-                 backend: CodecBackend | None = None, keep_precodec: bool = False):
+                 backend: CodecBackend | None = None, keep_precodec: bool = False, time_stages: bool = False):
         self.cfg = cfg or DegradationConfig()
         self.keep_precodec = keep_precodec
-        self._precodec: np.ndarray | None = None
+        self.time_stages = time_stages
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu")
+        self.jpeg_impl = resolve_jpeg_impl(self.cfg.jpeg_impl, self.device)
         self.backend = backend or SoftwareBackend()
         self._timings: dict[str, float] = {}
+        self._events: list[tuple[str, Any, Any]] = []
 
     # ------------------------------------------------------------------
     @contextmanager
     def _stage(self, name: str) -> Iterator[None]:
+        """Time a device stage when asked: CUDA events on a GPU (read later), the wall clock on the CPU."""
+        if not self.time_stages:
+            yield
+            return
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((name, start, end))
+            return
+        with self._host_stage(name):
+            yield
+
+    @contextmanager
+    def _host_stage(self, name: str) -> Iterator[None]:
+        """Time a host stage (HR load, codec, records) with the wall clock, when asked."""
+        if not self.time_stages:
+            yield
+            return
         t0 = time.perf_counter()
         yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
         self._timings[name] = self._timings.get(name, 0.0) + time.perf_counter() - t0
+
+    def take_timings(self) -> dict[str, float]:
+        """The stage timings gathered since the last call (seconds); CUDA events are read here,
+        after the batch's results were copied to the host (so they have completed)."""
+        for name, start, end in self._events:
+            end.synchronize()
+            self._timings[name] = self._timings.get(name, 0.0) + start.elapsed_time(end) / 1000.0
+        out, self._timings, self._events = self._timings, {}, []
+        return out
 
     # ------------------------------------------------------------------
     def make_batch(self, folder: ImageFolder, plan: EpochPlan, index: int, *, want_hr: bool = True,
@@ -96,38 +162,56 @@ class Engine:
     def make_batch_from_refs(self, folder: ImageFolder, seed: int, epoch: int, index: int,
                              refs: tuple[PatchRef, ...], *, want_hr: bool = True,
                              want_usm: bool = True) -> BatchResult:
-        """Degrade the video batch made of ``refs`` (batch ``index`` of ``epoch`` under ``seed``)."""
-        self._timings = {}
-        self._precodec = None
-        with self._stage("load"):
+        """Degrade the video batch made of ``refs`` (batch ``index`` of ``epoch`` under ``seed``):
+        the whole-batch path, every step in this process."""
+        self.take_timings()
+        with self._host_stage("load"):
             hr8 = crop_patches(folder, refs, self.cfg.patch_size)
-        params = sample_batch_params(self.cfg, len(refs), make_generator(seed, epoch, index, "params"))
+        out = self.device_stage(hr8, seed, epoch, index, want_usm=want_usm)
+        usm8 = None if out.usm is None else out.usm.cpu().numpy()
+        frames = np.ascontiguousarray(out.lr.cpu().numpy())
+        precodec = frames.copy() if (self.keep_precodec and out.needs_codec) else None
+        if out.needs_codec:
+            with self._host_stage("codec"):
+                lr8, codec_info = video_block(frames, out.params.video, self.backend)
+        else:
+            lr8, codec_info = frames, dict(NO_CODEC)
+        with self._host_stage("pack"):
+            records = self.records(seed, epoch, index, refs, out.params, codec_info)
+        return BatchResult(
+            seed=seed, epoch=epoch, batch_index=index, lr=lr8,
+            hr=hr8 if want_hr else None, hr_usm=usm8, records=records, timings=self.take_timings(),
+            codec_failures=int(codec_info.get("codec_failure") is not None),
+            precodec=precodec, video=out.params.video if out.needs_codec else None,
+        )
+
+    def device_stage(self, hr8: np.ndarray, seed: int, epoch: int, index: int, *,
+                     want_usm: bool = True) -> DeviceOutput:
+        """USM, first and second order and the ending up to the codec boundary (spec 1, 3, 4)
+        of the uint8 HR crops ``hr8 (n, P, P, 3)`` of batch ``index``: uint8 tensors on the device.
+
+        Never waits for the device (the caller's copy to the host does)."""
+        n = len(hr8)
+        params = sample_batch_params(self.cfg, n, make_generator(seed, epoch, index, "params"))
         noise_gen = make_generator(seed, epoch, index, "noise", device=self.device)
-        usm8 = np.empty_like(hr8) if want_usm else None
+        usm = None
+        if want_usm:
+            usm = torch.empty((n,) + tuple(hr8.shape[1:]), dtype=torch.uint8, device=self.device)
         pieces = []
-        for lo in range(0, len(refs), CHUNK):  # bounded memory: HR-size tensors exist for CHUNK patches only
-            hi = min(lo + CHUNK, len(refs))
+        for lo in range(0, n, CHUNK):  # bounded memory: HR-size tensors exist for CHUNK patches only
+            hi = min(lo + CHUNK, n)
             with self._stage("load"):
                 hr = torch.from_numpy(hr8[lo:hi]).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
-            if usm8 is not None:
+            if usm is not None:
                 with self._stage("usm"):
                     sharp = filters.usm_sharpen(hr, weight=self.cfg.usm_weight, threshold=self.cfg.usm_threshold,
                                                 radius=self.cfg.usm_radius)
-                    usm8[lo:hi] = to_uint8_nhwc(sharp)
+                    usm[lo:hi] = to_uint8_nhwc_tensor(sharp)
                     del sharp
             pieces.append(self.degrade_orders(hr, params.slice(lo, hi), noise_gen))
             del hr
-        lr8, codec_info = self.degrade_ending(torch.cat(pieces), params)
-        with self._stage("pack"):
-            records = [
-                self._record(seed, epoch, index, i, ref, params, codec_info) for i, ref in enumerate(refs)
-            ]
-        return BatchResult(
-            seed=seed, epoch=epoch, batch_index=index, lr=lr8,
-            hr=hr8 if want_hr else None, hr_usm=usm8, records=records, timings=dict(self._timings),
-            codec_failures=int(codec_info.get("codec_failure") is not None),
-            precodec=self._precodec, video=params.video if params.ending == "v2" else None,
-        )
+        lr = self.degrade_ending(torch.cat(pieces), params)
+        return DeviceOutput(params=params, lr=lr, usm=usm)
 
     # ------------------------------------------------------------------
     def degrade_orders(self, hr: torch.Tensor, p: BatchParams, noise_gen: torch.Generator) -> torch.Tensor:
@@ -141,14 +225,15 @@ class Engine:
                 out = resize(out, scale_factor=p.resize1.scale, mode=p.resize1.mode)
         with self._stage("noise1"):
             out = self._noise(out, p.noise1, noise_gen)
-        with self._stage("jpeg1"):
-            out = jpeg.jpeg_roundtrip(out.clamp(0, 1), p.jpeg1_quality.to(out.device), impl=cfg.jpeg_impl)
+        with self._stage("jpeg1"):  # qualities stay on the CPU: the JPEG code reads them there
+            out = jpeg.jpeg_roundtrip(out.clamp(0, 1), p.jpeg1_quality, impl=self.jpeg_impl)
         with self._stage("blur2"):
             if bool(p.blur2.any()):
                 idx = p.blur2.nonzero().flatten()
-                sub = self._blur(out[idx.to(out.device)], select_patches(p.kernel2, idx))
+                dev_idx = idx.to(out.device)
+                sub = self._blur(out[dev_idx], select_patches(p.kernel2, idx))
                 out = out.clone()
-                out[idx.to(out.device)] = sub
+                out[dev_idx] = sub
         with self._stage("resize2"):
             if cfg.resize2_relative_to_current:
                 size = [max(2, int(s * p.resize2.scale)) for s in out.shape[-2:]]
@@ -160,33 +245,21 @@ class Engine:
             out = self._noise(out, p.noise2, noise_gen)
         return out
 
-    def degrade_ending(self, out: torch.Tensor, p: BatchParams) -> tuple[np.ndarray, dict]:
-        """The ending of spec section 4.4 on the whole video batch: LR uint8 (n,p,p,3) and the codec outcome."""
-        cfg = self.cfg
-        lr_hw = [cfg.lr_size, cfg.lr_size]
-        if p.ending == "v2":
-            with self._stage("ending"):
-                out = _resize_to(out, lr_hw, p.final_mode)
-                frames = to_uint8_nhwc(out)
-                if self.keep_precodec:
-                    self._precodec = frames.copy()
-            with self._stage("codec"):
-                try:
-                    frames, info = compress_video(frames, p.video, self.backend)
-                except CodecError as exc:  # every retry and the fallback failed: keep the run going
-                    log.error("video block failed for every codec, LR left uncompressed: %s", exc)
-                    info = {**NO_CODEC, "codec_failure": str(exc), "fallback": True}
-            return np.ascontiguousarray(frames), info
+    def degrade_ending(self, out: torch.Tensor, p: BatchParams) -> torch.Tensor:
+        """The ending of spec section 4.4 up to the codec boundary, on the whole video batch:
+        uint8 NHWC on the device - the frames for the video block (V2) or the final LR (V1)."""
+        lr_hw = [self.cfg.lr_size, self.cfg.lr_size]
         with self._stage("ending"):
-            q2 = p.jpeg2_quality.to(out.device)
+            if p.ending == "v2":
+                return to_uint8_nhwc_tensor(_resize_to(out, lr_hw, p.final_mode))
+            q2 = p.jpeg2_quality
             if p.v1_resize_first:
                 out = self._final_sinc(_resize_to(out, lr_hw, p.final_mode), p)
-                out = jpeg.jpeg_roundtrip(out.clamp(0, 1), q2, impl=cfg.jpeg_impl)
+                out = jpeg.jpeg_roundtrip(out.clamp(0, 1), q2, impl=self.jpeg_impl)
             else:
-                out = jpeg.jpeg_roundtrip(out.clamp(0, 1), q2, impl=cfg.jpeg_impl)
+                out = jpeg.jpeg_roundtrip(out.clamp(0, 1), q2, impl=self.jpeg_impl)
                 out = self._final_sinc(_resize_to(out, lr_hw, p.final_mode), p)
-            lr8 = to_uint8_nhwc(out)
-        return lr8, dict(NO_CODEC)
+            return to_uint8_nhwc_tensor(out)
 
     # ------------------------------------------------------------------
     def _blur(self, x: torch.Tensor, k: KernelDraw) -> torch.Tensor:
@@ -196,7 +269,7 @@ class Engine:
 
     def _noise(self, x: torch.Tensor, d: NoiseDraw, gen: torch.Generator) -> torch.Tensor:
         strength = d.strength.to(device=x.device, dtype=x.dtype)
-        gray = d.gray.to(x.device)
+        gray = d.gray  # stays on the CPU: the noise code splits the batch into runs by it there
         if d.gaussian:
             return noise.add_gaussian_noise(x, strength, gray, gen)
         return noise.add_poisson_noise(x, strength, gray, gen)
@@ -213,6 +286,11 @@ class Engine:
         return out
 
     # ------------------------------------------------------------------
+    def records(self, seed: int, epoch: int, index: int, refs: tuple[PatchRef, ...], p: BatchParams,
+                codec: dict) -> list[dict[str, Any]]:
+        """One record per patch (spec section 8)."""
+        return [self._record(seed, epoch, index, i, ref, p, codec) for i, ref in enumerate(refs)]
+
     def _record(self, seed: int, epoch: int, index: int, i: int, ref: PatchRef, p: BatchParams,
                 codec: dict) -> dict[str, Any]:
         v2 = p.ending == "v2"
@@ -234,11 +312,23 @@ class Engine:
             "aspect_ratio": p.video.aspect_ratio if v2 else None,
             "backend": codec["backend"] if v2 else None,
             "codec_failure": codec.get("codec_failure"),
-            "jpeg_impl": jpeg.jpeg_backend(self.device, self.cfg.jpeg_impl),
+            "jpeg_impl": jpeg.jpeg_backend(self.device, self.jpeg_impl),
             "device": self.device.type,
         }
         rec.update(p.patch_record(i))
         return rec
+
+
+def video_block(frames: np.ndarray, video: VideoParams, backend: CodecBackend) -> tuple[np.ndarray, dict]:
+    """The video block of spec section 6 on uint8 frames ``(n, L, L, 3)``: the decoded frames and
+    the codec outcome.  When every retry and the fallback failed, the frames go on uncompressed
+    and the outcome says why (the run goes on)."""
+    try:
+        out, info = compress_video(frames, video, backend)
+    except CodecError as exc:
+        log.error("video block failed for every codec, LR left uncompressed: %s", exc)
+        return frames, {**NO_CODEC, "codec_failure": str(exc), "fallback": True}
+    return np.ascontiguousarray(out), info
 
 
 # ---------------------------------------------------------------------------
@@ -261,10 +351,14 @@ def crop_patches(folder: ImageFolder, refs: tuple[PatchRef, ...], size: int) -> 
     return out
 
 
+def to_uint8_nhwc_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Float [0,1] NCHW -> contiguous uint8 NHWC on the same device, rounding like Real-ESRGAN."""
+    return (x * 255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
 def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
     """Float [0,1] NCHW -> uint8 NHWC on the CPU, rounding like Real-ESRGAN."""
-    y = (x * 255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-    return np.ascontiguousarray(y.cpu().numpy())
+    return to_uint8_nhwc_tensor(x).cpu().numpy()
 
 
 def _resize_to(x: torch.Tensor, size: list[int], mode: str) -> torch.Tensor:

@@ -44,11 +44,11 @@ _WORKER: dict = {}
 
 
 def _init_worker(root: str, images: list[ImageInfo], cfg_dict: dict, device: str, threads: int,
-                 keep_precodec: bool, backend: CodecBackend | None = None) -> None:
+                 keep_precodec: bool, backend: CodecBackend | None = None, time_stages: bool = False) -> None:
     torch.set_num_threads(threads)
     cfg = DegradationConfig.from_dict(cfg_dict)
     _WORKER["folder"] = ImageFolder(root, cfg.patch_size, images=images)
-    _WORKER["engines"] = _EngineCache(cfg, device, keep_precodec, backend)
+    _WORKER["engines"] = _EngineCache(cfg, device, keep_precodec, backend, time_stages)
 
 
 class _EngineCache:
@@ -56,9 +56,10 @@ class _EngineCache:
 
     SIZE = 4
 
-    def __init__(self, default: DegradationConfig, device: str, keep_precodec: bool,
-                 backend: CodecBackend | None = None):
+    def __init__(self, default: DegradationConfig, device: str, keep_precodec: bool = False,
+                 backend: CodecBackend | None = None, time_stages: bool = False):
         self.default, self.device, self.keep_precodec, self.backend = default, device, keep_precodec, backend
+        self.time_stages = time_stages
         self._engines: OrderedDict[str | None, Engine] = OrderedDict()
 
     def get(self, cfg_json: str | None) -> Engine:
@@ -66,7 +67,7 @@ class _EngineCache:
         if engine is None:
             cfg = self.default if cfg_json is None else DegradationConfig.from_dict(json.loads(cfg_json))
             engine = self._engines[cfg_json] = Engine(cfg, device=self.device, keep_precodec=self.keep_precodec,
-                                                        backend=self.backend)
+                                                        backend=self.backend, time_stages=self.time_stages)
             while len(self._engines) > self.SIZE:
                 self._engines.popitem(last=False)
         self._engines.move_to_end(cfg_json)
@@ -89,8 +90,9 @@ class BatchProducer:
 
     def __init__(self, folder: ImageFolder, cfg: DegradationConfig, *, workers: int | None = None,
                  device: str = "cpu", prefetch: int | None = None, keep_precodec: bool = False,
-                 backend: CodecBackend | None = None):
+                 backend: CodecBackend | None = None, time_stages: bool = False):
         self.folder = folder
+        self.time_stages = time_stages
         self.backend = backend  # None: the software codecs
         self.keep_precodec = keep_precodec
         self.cfg = cfg
@@ -142,7 +144,7 @@ class BatchProducer:
                     mp_context=mp.get_context("forkserver"),
                     initializer=_init_worker,
                     initargs=(str(self.folder.root), self.folder.images, self.cfg.to_dict(), self.device, threads,
-                              self.keep_precodec, self.backend),
+                              self.keep_precodec, self.backend, self.time_stages),
                 )
             return self._pool, self._generation
 
@@ -185,7 +187,8 @@ class BatchProducer:
                 try:
                     with self._inline_lock:
                         if self._engines is None:
-                            self._engines = _EngineCache(self.cfg, self.device, self.keep_precodec, self.backend)
+                            self._engines = _EngineCache(self.cfg, self.device, self.keep_precodec, self.backend,
+                                                         self.time_stages)
                         engine = self._engines.get(cfg_key)
                         result = engine.make_batch(self.folder, self.plan(seed, epoch, cfg), k, want_hr=want_hr,
                                                    want_usm=want_usm)
