@@ -143,14 +143,26 @@ class Engine:
         yield
         self._timings[name] = self._timings.get(name, 0.0) + time.perf_counter() - t0
 
-    def take_timings(self) -> dict[str, float]:
-        """The stage timings gathered since the last call (seconds); CUDA events are read here,
-        after the batch's results were copied to the host (so they have completed)."""
-        for name, start, end in self._events:
-            end.synchronize()
-            self._timings[name] = self._timings.get(name, 0.0) + start.elapsed_time(end) / 1000.0
-        out, self._timings, self._events = self._timings, {}, []
+    def pop_timings(self) -> tuple[dict[str, float], list]:
+        """The timings gathered since the last call, as they stand (CUDA events possibly still pending)."""
+        out = (self._timings, self._events)
+        self._timings, self._events = {}, []
         return out
+
+    @staticmethod
+    def read_timings(popped: tuple[dict[str, float], list]) -> dict[str, float]:
+        """Seconds per stage from :meth:`pop_timings`; call it after the batch's results reached the
+        host (its CUDA events have completed by then, so this does not wait)."""
+        timings, events = popped
+        out = dict(timings)
+        for name, start, end in events:
+            end.synchronize()
+            out[name] = out.get(name, 0.0) + start.elapsed_time(end) / 1000.0
+        return out
+
+    def take_timings(self) -> dict[str, float]:
+        """The stage timings gathered since the last call, in seconds."""
+        return self.read_timings(self.pop_timings())
 
     # ------------------------------------------------------------------
     def make_batch(self, folder: ImageFolder, plan: EpochPlan, index: int, *, want_hr: bool = True,
@@ -337,9 +349,11 @@ def patch_id(epoch: int, ref: PatchRef) -> str:
     return f"e{epoch}/{ref.image}/{ref.x}_{ref.y}"
 
 
-def crop_patches(folder: ImageFolder, refs: tuple[PatchRef, ...], size: int) -> np.ndarray:
-    """Stack the HR crops of ``refs`` as uint8 (n, size, size, 3)."""
-    out = np.empty((len(refs), size, size, 3), dtype=np.uint8)
+def crop_patches(folder: ImageFolder, refs: tuple[PatchRef, ...], size: int,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """Stack the HR crops of ``refs`` as uint8 (n, size, size, 3), into ``out`` when given."""
+    if out is None:
+        out = np.empty((len(refs), size, size, 3), dtype=np.uint8)
     for i, ref in enumerate(refs):
         try:
             img = folder.load(ref.image)

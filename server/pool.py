@@ -86,7 +86,16 @@ class BatchProducer:
     Thread-safe: several consumers (e.g. one per gRPC stream) may call
     :meth:`produce_jobs` at once; they share the worker processes, each keeping
     at most ``workers + prefetch`` of its own batches in flight.
+
+    This is the *whole-batch* pipeline (``--pipeline batch``): each worker makes
+    whole batches on the CPU.  ``server.split_pipeline.SplitProducer`` has the
+    same interface and splits a batch between a device stage and the pool.
     """
+
+    #: the name of ``--pipeline`` this class implements
+    pipeline = "batch"
+    #: whether worker processes may run beside a GPU engine (the whole-batch path runs in-process there)
+    pool_with_gpu = False
 
     def __init__(self, folder: ImageFolder, cfg: DegradationConfig, *, workers: int | None = None,
                  device: str = "cpu", prefetch: int | None = None, keep_precodec: bool = False,
@@ -98,7 +107,7 @@ class BatchProducer:
         self.cfg = cfg
         self.device = device
         self.workers = default_workers() if workers is None else max(0, int(workers))
-        if device != "cpu" and self.workers > 0:
+        if device != "cpu" and self.workers > 0 and not self.pool_with_gpu:
             log.info("device %s: running the engine in-process (one GPU feeder)", device)
             self.workers = 0
         self.prefetch = self.workers if prefetch is None else max(0, prefetch)
@@ -138,15 +147,16 @@ class BatchProducer:
             if self._closed:
                 raise RuntimeError("the batch producer was shut down")
             if self._pool is None:
-                threads = max(1, default_workers() // max(1, self.workers))
-                self._pool = ProcessPoolExecutor(
-                    max_workers=self.workers,
-                    mp_context=mp.get_context("forkserver"),
-                    initializer=_init_worker,
-                    initargs=(str(self.folder.root), self.folder.images, self.cfg.to_dict(), self.device, threads,
-                              self.keep_precodec, self.backend, self.time_stages),
-                )
+                initializer, initargs = self._pool_initializer()
+                self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("forkserver"),
+                                                 initializer=initializer, initargs=initargs)
             return self._pool, self._generation
+
+    def _pool_initializer(self) -> tuple:
+        """``(initializer, initargs)`` of the worker processes."""
+        threads = max(1, default_workers() // max(1, self.workers))
+        return _init_worker, (str(self.folder.root), self.folder.images, self.cfg.to_dict(), self.device, threads,
+                              self.keep_precodec, self.backend, self.time_stages)
 
     def produce(self, seed: int, epoch: int, indices: Iterable[int], *, want_hr: bool = True,
                 want_usm: bool = True, cfg: DegradationConfig | None = None,
