@@ -1,0 +1,194 @@
+"""The split pipeline on the CPU: the same bytes as the whole-batch path, nothing lost, bounded.
+
+Real photographs, real codecs, real worker processes and real shared memory;
+the device stage runs on the CPU here and on CUDA with ``--device cuda``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.codecs import CodecError, SoftwareBackend
+from server.config import DegradationConfig
+from server.images import ImageFolder
+from server.pipelines import make_producer, resolve_pipeline
+from server.pool import BatchProducer
+from server.shared_slots import SlotPool
+from server.split_pipeline import SplitProducer
+
+# V1 and V2 endings both common, short batches: several batches of an epoch stay cheap
+MIXED = DegradationConfig(video_batch_size=3, first_batch_range=(2, 3), v2_prob=0.5)
+
+
+@pytest.fixture(scope="module")
+def folder(photo_dir):
+    return ImageFolder(photo_dir, 360)
+
+
+def same_batch(a, b) -> None:
+    assert (a.epoch, a.batch_index) == (b.epoch, b.batch_index)
+    assert a.lr.tobytes() == b.lr.tobytes()
+    assert a.hr.tobytes() == b.hr.tobytes()
+    assert (a.hr_usm is None) == (b.hr_usm is None)
+    if a.hr_usm is not None:
+        assert a.hr_usm.tobytes() == b.hr_usm.tobytes()
+    assert a.records == b.records
+
+
+def whole_batch(folder, cfg, jobs, seed=0, backend=None, want_usm=True):
+    return list(BatchProducer(folder, cfg, workers=0, backend=backend).produce_jobs(seed, jobs, want_usm=want_usm))
+
+
+def test_auto_is_split_on_a_gpu_and_batch_on_the_cpu():
+    assert resolve_pipeline("auto", "cpu") == "batch"
+    assert resolve_pipeline("auto", "cuda") == "split"
+    assert resolve_pipeline("auto", "cuda:1") == "split"
+    assert resolve_pipeline("split", "cpu") == "split"
+    with pytest.raises(ValueError, match="pipeline must be one of"):
+        resolve_pipeline("fast", "cpu")
+
+
+def test_split_gives_the_same_bytes_and_records_as_the_whole_batch_path(folder, device):
+    jobs = [(e, k) for e in (0, 1, 2) for k in range(3)]
+    want = whole_batch(folder, MIXED, jobs, seed=7)
+    endings = {r.records[0]["ending"] for r in want}
+    assert endings == {"v1", "v2"}, "the chosen batches must cover both endings"
+    with SplitProducer(folder, MIXED, workers=2, device=str(device), group=2) as split:
+        got = list(split.produce_jobs(7, jobs))
+        # a second consumer at once, with HR and USM not wanted, shares the pool and slots
+        lean = list(split.produce_jobs(7, jobs[:3], want_hr=False, want_usm=False))
+    if device.type != "cpu":
+        # CUDA: other float kernels, so only the shape of the result and the records' draws agree
+        for a, b in zip(want, got):
+            assert a.lr.shape == b.lr.shape and a.hr.tobytes() == b.hr.tobytes()
+            assert [r["kernel1"] for r in a.records] == [r["kernel1"] for r in b.records]
+        return
+    assert len(got) == len(want) == 9
+    for a, b in zip(want, got):
+        same_batch(a, b)
+    for a, b in zip(want, lean):
+        assert b.hr is None and b.hr_usm is None and a.lr.tobytes() == b.lr.tobytes()
+
+
+class BrokenBackend(SoftwareBackend):
+    """A real backend whose every round trip fails, as a crashed hardware encoder would."""
+
+    name = "broken"
+
+    def roundtrip(self, frames, params):
+        raise CodecError(f"{params.codec}: encoder refused to open")
+
+
+def test_a_failing_codec_falls_back_the_same_way_in_both_paths(folder):
+    cfg = DegradationConfig(video_batch_size=3, first_batch_range=(3, 3), v2_prob=1.0)
+    jobs = [(0, 0), (0, 1)]
+    want = whole_batch(folder, cfg, jobs, backend=BrokenBackend())
+    with SplitProducer(folder, cfg, workers=1, backend=BrokenBackend()) as split:
+        got = list(split.produce_jobs(0, jobs))
+    for a, b in zip(want, got, strict=True):
+        same_batch(a, b)
+        assert b.codec_failures == 1
+        assert all("encoder refused" in r["codec_failure"] for r in b.records)
+        assert all(r["backend"] == "software" and r["codec"] == "libx264" for r in b.records)
+
+
+class KillOnceBackend(SoftwareBackend):
+    """The software codecs, except that the first round trip kills its worker process
+    (a segfault in a codec library, an OOM kill); a marker file remembers it happened."""
+
+    def __init__(self, marker: str, always: bool = False):
+        super().__init__()
+        self.marker, self.always = marker, always
+
+    def roundtrip(self, frames, params):
+        if self.always or not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            os._exit(9)
+        return super().roundtrip(frames, params)
+
+
+def test_a_codec_worker_killed_mid_batch_loses_nothing(folder, tmp_path):
+    cfg = DegradationConfig(video_batch_size=3, first_batch_range=(3, 3), v2_prob=1.0)
+    jobs = [(0, 0), (0, 1)]
+    want = whole_batch(folder, cfg, jobs)
+    marker = tmp_path / "killed"
+    with SplitProducer(folder, cfg, workers=1, backend=KillOnceBackend(str(marker))) as split:
+        got = list(split.produce_jobs(0, jobs))
+        assert not split.failures
+    assert marker.exists(), "the codec worker was never killed: the test proves nothing"
+    for a, b in zip(want, got, strict=True):
+        same_batch(a, b)
+
+
+def test_a_batch_that_keeps_killing_workers_is_reported_and_the_run_goes_on(folder, tmp_path):
+    cfg = DegradationConfig(video_batch_size=3, first_batch_range=(3, 3), v2_prob=1.0)
+    with SplitProducer(folder, cfg, workers=1, backend=KillOnceBackend(str(tmp_path / "k"), always=True)) as split:
+        got = list(split.produce_jobs(0, [(0, 0)]))
+        assert got == []
+        (job, reason), = split.failures
+        assert job == (0, 0) and "killed its worker process 3 times" in reason
+        assert split.failure_reason(0, 0) == reason
+
+
+def test_oversize_batches_of_a_request_override_get_their_own_slot(folder):
+    small = DegradationConfig(video_batch_size=2, first_batch_range=(2, 2))
+    bigger = DegradationConfig(video_batch_size=5, first_batch_range=(5, 5))
+    want = whole_batch(folder, bigger, [(0, 0)])
+    with SplitProducer(folder, small, workers=1, slots=2) as split:
+        got = list(split.produce_jobs(0, [(0, 0)], cfg=bigger))
+    assert len(got[0]) == 5
+    same_batch(want[0], got[0])
+
+
+def test_slots_bound_the_batches_in_flight_and_come_back_when_a_consumer_leaves(folder):
+    with SplitProducer(folder, MIXED, workers=1, slots=3, prefetch=0) as split:
+        jobs = [(e, k) for e in range(4) for k in range(2)]
+        stream = split.produce_jobs(1, jobs, window=2)
+        first = next(stream)  # the consumer reads one batch, then stops reading
+        assert first.batch_index == 0
+        time.sleep(1.0)
+        assert split.in_flight <= 2  # never more than the window, however long it waits
+        stream.close()  # the consumer leaves: its slots return once their batches are done
+        deadline = time.monotonic() + 120
+        while len(split._slots._free) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(split._slots._free) == 3
+        assert split.in_flight == 0
+        # and the producer serves the next consumer
+        assert len(list(split.produce_jobs(1, [(0, 1)]))) == 1
+
+
+def test_stage_timings_and_busy_time_when_asked(folder):
+    cfg = DegradationConfig(video_batch_size=3, first_batch_range=(3, 3), v2_prob=1.0)
+    with make_producer(folder, cfg, pipeline="split", workers=1, time_stages=True, keep_precodec=True) as split:
+        before = split.busy_snapshot()
+        (res,) = list(split.produce_jobs(0, [(0, 0)]))
+        after = split.busy_snapshot()
+    assert {"load", "usm", "blur1", "noise2", "ending", "codec", "pack"} <= set(res.timings)
+    assert all(v >= 0 for v in res.timings.values())
+    assert after["device"] > before["device"] and after["pool"] > before["pool"]
+    assert after["pool"] >= res.timings["codec"]
+    assert res.precodec is not None and res.precodec.shape == res.lr.shape
+    assert res.video is not None
+
+
+def test_a_slot_pool_hands_out_each_slot_once():
+    pool = SlotPool(2, capacity=3, patch=8, lr=2)
+    try:
+        a, b = pool.acquire(3), pool.acquire(3)
+        assert a is not b and pool.acquire(3, block=False) is None
+        a.hr[:] = 7
+        pool.release(a)
+        c = pool.acquire(1)
+        assert c is a and int(c.hr.sum()) == 7 * c.hr.size  # reused, not reallocated
+        big = pool.acquire(4)  # above the capacity: a one-off slot of its own
+        assert big.hr.shape == (4, 8, 8, 3)
+        pool.release(big)
+        assert np.all(b.lr == 0)
+    finally:
+        pool.close()
