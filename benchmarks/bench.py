@@ -1,6 +1,8 @@
 """The standard workload of ``shared/spec/BENCH.md``, all figures from ONE run.
 
-1. engine    - pairs/s made in-process by the worker pool (all cores);
+1. engine    - pairs/s made in-process by the chosen pipeline (all cores, and the GPU with
+   ``--device cuda``); with the split pipeline also the device stage's and the pool's busy
+   fractions (which side is the bottleneck);
 2. delivered - pairs/s received over gRPC on loopback by 1 and by N client processes
    from a degrade-server subprocess (benchmarks/delivered.py);
 3. codec     - the codec round trips alone, same frames and codec parameters, all cores;
@@ -25,6 +27,7 @@ from typing import Any
 from server.config import DegradationConfig
 from server.engine import STAGES
 from server.images import ImageFolder
+from server.pipelines import make_producer
 from server.pool import BatchProducer, default_workers
 
 
@@ -69,30 +72,41 @@ def full_batches(producer: BatchProducer, seed: int, count: int, size: int) -> l
     return found
 
 
+def _busy(producer: BatchProducer) -> dict[str, float] | None:
+    """Busy seconds of the split pipeline's device stage and pool (None for the whole-batch path)."""
+    snap = getattr(producer, "busy_snapshot", None)
+    return snap() if snap is not None else None
+
+
 def _summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def run_bench(folder: ImageFolder, cfg: DegradationConfig, *, device: str = "cpu", workers: int | None = None,
-              runs: int = 3, batches: int = 2, seed: int = 0, json_path: Path | None = None,
+              pipeline: str = "auto", runs: int = 3, batches: int = 2, seed: int = 0, json_path: Path | None = None,
               skip_naive: bool = False, skip_delivered: bool = False, clients: int = 4) -> int:
     from benchmarks.codec_limit import codec_limit, naive_limit
     from benchmarks.naive_ffmpeg import ffmpeg_available
 
     runs = max(1, runs)
-    nworkers = default_workers() if workers is None else workers
+    producer = make_producer(folder, cfg, pipeline=pipeline, workers=workers, device=device, keep_precodec=True,
+                             time_stages=True)
+    nworkers = producer.workers
+    codec_workers = default_workers() if workers is None else max(1, workers)  # the codec limit uses every core
     per_run = max(batches, max(1, nworkers))  # every worker gets work in each run
     print(f"bench: {runs} runs x {per_run} video batches of {cfg.video_batch_size} patches "
-          f"({cfg.patch_size}->{cfg.lr_size}), {nworkers} workers, device {device}", flush=True)
+          f"({cfg.patch_size}->{cfg.lr_size}), {producer.pipeline} pipeline, {nworkers} workers, device {device}",
+          flush=True)
     results: dict[str, Any] = {
         "machine": {"cores": os.cpu_count(), "gpu": _gpu_name(), "platform": platform.platform(),
                     "python": platform.python_version()},
         "commit": _git_commit(),
         "workload": {"patch_size": cfg.patch_size, "lr_size": cfg.lr_size, "video_batch": cfg.video_batch_size,
-                     "profile": cfg.profile, "batches_per_run": per_run, "runs": runs, "workers": nworkers},
+                     "profile": cfg.profile, "batches_per_run": per_run, "runs": runs, "workers": nworkers,
+                     "pipeline": producer.pipeline, "device": str(device)},
     }
-    with BatchProducer(folder, cfg, workers=nworkers, device=device, keep_precodec=True,
-                        time_stages=True) as producer:
+    busy: dict[str, list[float]] = {"device": [], "pool": []}
+    with producer:
         chosen = full_batches(producer, seed, per_run * (runs + 1), cfg.video_batch_size)
         groups = [chosen[i * per_run:(i + 1) * per_run] for i in range(runs + 1)]
         engine_rates: dict[bool, list[float]] = {True: [], False: []}
@@ -101,6 +115,7 @@ def run_bench(folder: ImageFolder, cfg: DegradationConfig, *, device: str = "cpu
         codec_inputs = []
         for with_usm in (True, False):
             for r, group in enumerate(groups):  # group 0 = warm-up
+                before = _busy(producer)
                 t0 = time.perf_counter()
                 n = 0
                 for res in producer.produce_jobs(seed, group, want_usm=with_usm):
@@ -114,6 +129,11 @@ def run_bench(folder: ImageFolder, cfg: DegradationConfig, *, device: str = "cpu
                 dt = time.perf_counter() - t0
                 if r > 0:
                     engine_rates[with_usm].append(n / dt)
+                    after = _busy(producer)
+                    if with_usm and before and after:
+                        wall = after["wall"] - before["wall"]
+                        busy["device"].append((after["device"] - before["device"]) / wall)
+                        busy["pool"].append((after["pool"] - before["pool"]) / (wall * max(1, nworkers)))
                     print(f"  engine run {r} ({'with' if with_usm else 'without'} USM target): {n} pairs in "
                           f"{dt:.2f} s = {n / dt:.1f} pairs/s", flush=True)
         per_process = [_vm_hwm_kib(os.getpid())] + [_vm_hwm_kib(p) for p in producer.worker_pids()]
@@ -123,12 +143,14 @@ def run_bench(folder: ImageFolder, cfg: DegradationConfig, *, device: str = "cpu
     results["engine"]["peak_memory_gib"] = peak_kib / 2**20
     results["engine"]["peak_memory_gib_per_process"] = [k / 2**20 for k in per_process]
     results["stages_s_per_batch"] = {s: v / max(1, stage_batches) for s, v in stage_sum.items()}
+    if busy["device"]:
+        results["busy_fraction"] = {k: statistics.median(v) for k, v in busy.items()}
 
     # delivered over gRPC: the same jobs, from a real server process (the in-process pool is closed by now)
     if not skip_delivered:
         from benchmarks.delivered import deliver, server_process
 
-        with server_process(folder.root, cfg, workers, device) as address:
+        with server_process(folder.root, cfg, workers, device, pipeline=producer.pipeline) as address:
             deliver(address, seed, groups[0], 1)  # warm-up: the server's worker pool starts
             for n_clients, key in ((1, "delivered_1"), (max(1, clients), "delivered_n")):
                 got = [deliver(address, seed, group, n_clients) for group in groups[1:]]
@@ -144,7 +166,7 @@ def run_bench(folder: ImageFolder, cfg: DegradationConfig, *, device: str = "cpu
     if not one_run:
         print("  (no video-ending batch among the chosen ones: codec figures skipped)")
     else:
-        rates = [codec_limit(one_run, workers=max(1, nworkers))["pairs_per_s"] for _ in range(runs)]
+        rates = [codec_limit(one_run, workers=codec_workers)["pairs_per_s"] for _ in range(runs)]
         results["codec_limit"] = _summary(rates)
         if skip_naive:
             results["naive"] = None
@@ -152,7 +174,7 @@ def run_bench(folder: ImageFolder, cfg: DegradationConfig, *, device: str = "cpu
             print("  naive baseline skipped: the ffmpeg command-line tool is not installed (apt-get install ffmpeg)")
             results["naive"] = None
         else:
-            rates = [naive_limit(one_run, workers=max(1, nworkers))["pairs_per_s"] for _ in range(runs)]
+            rates = [naive_limit(one_run, workers=codec_workers)["pairs_per_s"] for _ in range(runs)]
             results["naive"] = _summary(rates)
         results["codec_mix"] = [v.codec for _, v in one_run]
     _print_table(results)
@@ -166,8 +188,10 @@ def run_bench(folder: ImageFolder, cfg: DegradationConfig, *, device: str = "cpu
 def _print_table(res: dict[str, Any]) -> None:
     m = res["machine"]
     print()
+    w = res["workload"]
     print(f"machine: {m['cores']} cores, GPU {m['gpu'] or 'none'}; commit {res['commit']}; "
-          f"profile {res['workload']['profile']}")
+          f"profile {w['profile']}; {w.get('pipeline', 'batch')} pipeline on {w.get('device', 'cpu')}, "
+          f"{w['workers']} workers")
     print(f"{'figure':<40}{'median':>10}{'min':>10}{'max':>10}   pairs/s")
     rows = [("1. engine (in-process, all cores)", res.get("engine")),
             ("1b. engine, no USM target", res.get("engine_no_usm")),
@@ -196,7 +220,12 @@ def _print_table(res: dict[str, Any]) -> None:
         parts = " + ".join(f"{g:.2f}" for g in e.get("peak_memory_gib_per_process", []))
         print(f"peak memory of the engine (sum of each process's VmHWM, main + workers): "
               f"{e['peak_memory_gib']:.2f} GiB ({parts})")
-    print("\nper-stage time (core-seconds per video batch):")
+    b = res.get("busy_fraction")
+    if b:
+        side = "the device stage" if b["device"] >= b["pool"] else "the codec pool"
+        print(f"busy fraction: device stage {b['device']:.2f}, codec pool {b['pool']:.2f} "
+              f"(the bottleneck is {side})")
+    print("\nper-stage time (seconds per video batch; device stages are device time with --device cuda):")
     stages = res.get("stages_s_per_batch", {})
     total = sum(stages.values()) or 1.0
     for s, v in stages.items():

@@ -23,13 +23,14 @@ from server.config import DegradationConfig
 
 
 @contextmanager
-def server_process(images: Path, cfg: DegradationConfig, workers: int | None, device: str = "cpu") -> Iterator[str]:
+def server_process(images: Path, cfg: DegradationConfig, workers: int | None, device: str = "cpu",
+                   pipeline: str = "auto") -> Iterator[str]:
     """A degrade-server subprocess on a free port; yields its address."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "bench.yaml"
         cfg_path.write_text(cfg.to_json())  # JSON is YAML
         cmd = [sys.executable, "-m", "server", "serve", "--images", str(images), "--config", str(cfg_path),
-               "--host", "127.0.0.1", "--port", "0", "--device", device, "--drain-seconds", "0",
+               "--host", "127.0.0.1", "--port", "0", "--device", device, "--pipeline", pipeline, "--drain-seconds", "0",
                "--grace-seconds", "2"]
         if workers is not None:
             cmd += ["--workers", str(workers)]

@@ -14,19 +14,21 @@ from .client import VideoBatch
 
 
 class LocalSource:
-    """Makes video batches with a local worker pool (``server.pool.BatchProducer``)."""
+    """Makes video batches with a local producer (``server.pipelines.make_producer``): on a GPU
+    the split pipeline (image stages on the device, codecs on the other cores), else worker processes."""
 
     def __init__(self, images: str | Path | None = None, *, cfg=None, workers: int | None = None,
-                 device: str = "cpu", include_hr: bool = True, include_hr_usm: bool = True):
+                 device: str = "cpu", include_hr: bool = True, include_hr_usm: bool = True,
+                 pipeline: str = "auto"):
         from server.config import DegradationConfig
         from server.images import ImageFolder
-        from server.pool import BatchProducer
+        from server.pipelines import make_producer
         from server.sample_data import ensure_sample_data
 
         self.cfg = cfg or DegradationConfig()
         root = Path(images) if images is not None else ensure_sample_data()
         self.folder = ImageFolder(root, self.cfg.patch_size)
-        self.producer = BatchProducer(self.folder, self.cfg, workers=workers, device=device)
+        self.producer = make_producer(self.folder, self.cfg, pipeline=pipeline, workers=workers, device=str(device))
         self.include_hr = include_hr
         self.include_hr_usm = include_hr_usm
         self.failures: list[tuple[int, int, str]] = []

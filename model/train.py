@@ -57,6 +57,8 @@ class TrainConfig:
     images: Path | None = None            # in-process engine's images (default: the sample data)
     degradation_config: Path | None = None  # in-process engine's config file
     engine_workers: int | None = None
+    engine_device: str = "auto"           # in-process engine: auto = the training device
+    engine_pipeline: str = "auto"         # in-process engine: auto = split on a GPU, batch on the CPU
     seed: int = 0
     iterations: int | None = None         # None: the stage's default
     batch_size: int | None = None
@@ -203,7 +205,12 @@ class Trainer:
             return DegradeClient(list(cfg.servers), token=cfg.token, tls=cfg.tls_ca)
         from client.local import LocalSource
 
-        return LocalSource(cfg.images, cfg=self.engine_cfg, workers=cfg.engine_workers)
+        engine_device = str(self.device) if cfg.engine_device == "auto" else cfg.engine_device
+        source = LocalSource(cfg.images, cfg=self.engine_cfg, workers=cfg.engine_workers, device=engine_device,
+                             pipeline=cfg.engine_pipeline)
+        log.info("in-process engine: %s pipeline on %s, %d worker process(es)", source.producer.pipeline,
+                 engine_device, source.producer.workers)
+        return source
 
     # ------------------------------------------------------------------
     def load_initial_weights(self, path: Path) -> None:
@@ -414,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, default=None, help="in-process engine: HR image folder (default: sample)")
     p.add_argument("--degradation-config", type=Path, default=None, help="in-process engine: TOML/YAML config")
     p.add_argument("--engine-workers", type=int, default=None, help="in-process engine: worker processes")
+    p.add_argument("--engine-device", default="auto",
+                   help="in-process engine: torch device (default: the training device)")
+    p.add_argument("--engine-pipeline", choices=("auto", "split", "batch"), default="auto",
+                   help="in-process engine: auto (default; split on a GPU, batch on the CPU), split, batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iterations", type=int, default=None, help="total iterations (l1 700k, gan 280k)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 12 (l1), 6 (gan)")
@@ -452,6 +463,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         stage=args.stage, out=args.out, servers=tuple(args.server), token=token, tls_ca=args.tls_ca,
         images=args.images, degradation_config=args.degradation_config, engine_workers=args.engine_workers,
+        engine_device=args.engine_device, engine_pipeline=args.engine_pipeline,
         seed=args.seed, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
         halve_every=args.halve_every, pool_size=args.pool_size, lr_crop=args.lr_crop, device=args.device,
         amp=args.amp, init=args.init, vgg_weights=vgg, random_vgg=args.random_vgg,

@@ -1,7 +1,7 @@
 """``degrade-server``: the gRPC degradation service (also ``python -m server serve``).
 
     degrade-server [--images DIR] [--host H] [--port P] [--workers N]
-                   [--device auto|cpu|cuda] [--token T | --token-file F]
+                   [--device auto|cpu|cuda] [--pipeline auto|split|batch] [--token T | --token-file F]
                    [--tls-cert C --tls-key K] [--config FILE] [--metrics-port M]
 
 :func:`create_server` builds a started-or-not server from a frozen
@@ -34,7 +34,8 @@ from client.protocol import degrade_pb2 as pb
 
 from .config import PROFILES, ConfigError, DegradationConfig
 from .images import ImageFolder
-from .pool import BatchProducer, default_workers
+from .pipelines import add_pipeline_argument, make_producer
+from .pool import default_workers
 from .requests import MAX_CHUNK_BYTES
 from .service import SERVICE_NAME, DegradeService, package_version
 
@@ -63,6 +64,7 @@ class ServerConfig:
     grace_seconds: float = 30.0         # then in-flight RPCs get this long to finish
     max_video_batch: int = 256          # largest video batch a request may ask for
     codec_backend: str = "auto"         # auto | software | hybrid | nvenc, or per codec: "auto,libx264=nvenc"
+    pipeline: str = "auto"              # auto (split on a GPU, batch on the CPU) | split | batch
 
     def redacted(self) -> dict:
         d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -168,7 +170,8 @@ def create_server(config: ServerConfig) -> tuple[DegradeServer, int]:
         backend, plan = build_backend(override=config.codec_backend, device=device)
         log.info("codec backends:\n%s", plan.explain())
         backend_names = sorted(plan.backends_used)
-    producer = BatchProducer(folder, cfg, workers=config.workers, device=device, backend=backend)
+    producer = make_producer(folder, cfg, pipeline=config.pipeline, workers=config.workers, device=device,
+                             backend=backend)
     service = DegradeService(producer, dataset_name=Path(root).name, max_streams=config.max_streams,
                              max_video_batch=config.max_video_batch, codec_backends=backend_names)
 
@@ -234,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec-backend", default="auto",
                    help="video codecs: auto (NVENC where the GPU has it, software otherwise), software, hybrid "
                         "(software encode + NVDEC decode), nvenc, or per codec e.g. 'auto,libx264=hybrid'")
+    add_pipeline_argument(p)
     p.add_argument("--max-streams", type=int, default=8,
                    help="concurrent streams allowed (default %(default)s); more get RESOURCE_EXHAUSTED")
     p.add_argument("--drain-seconds", type=float, default=2.0,
@@ -263,7 +267,7 @@ def config_from_args(args: argparse.Namespace, environ: dict | None = None) -> S
         images=args.images, host=args.host, port=args.port, workers=args.workers, device=args.device, token=token,
         tls_cert=args.tls_cert, tls_key=args.tls_key, config_file=args.config, profile=args.profile,
         metrics_port=args.metrics_port, max_streams=args.max_streams, drain_seconds=args.drain_seconds,
-        grace_seconds=args.grace_seconds, codec_backend=args.codec_backend,
+        grace_seconds=args.grace_seconds, codec_backend=args.codec_backend, pipeline=args.pipeline,
     )
 
 
@@ -279,8 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"degrade-server: error: {exc}", file=sys.stderr)
         return 2
     log.info("degradation config: %s", server.service.cfg.to_json())
-    log.info("workers: %d on %s (%d cores)", server.service.producer.workers, server.service.producer.device,
-             default_workers())
+    producer = server.service.producer
+    log.info("%s pipeline: %d worker process(es), engine on %s (%d cores)", producer.pipeline, producer.workers,
+             producer.device, default_workers())
 
     def on_signal(signum, _frame):
         log.info("received %s", signal.Signals(signum).name)

@@ -70,14 +70,34 @@ def test_sample_data_is_real_photographs(tmp_path):
     assert np.corrcoef(arr[:, :-1, 0].ravel(), arr[:, 1:, 0].ravel())[0, 1] > 0.8
 
 
-def test_python_dash_m_with_worker_processes(photo_dir, tmp_path):
+@pytest.mark.parametrize("pipeline", ["batch", "split"])
+def test_python_dash_m_with_worker_processes(photo_dir, tmp_path, pipeline):
     """Worker processes re-import the entry module: it must not start the CLI again."""
     out = tmp_path / "p"
     proc = subprocess.run([sys.executable, "-m", "server", "generate", "--images", str(photo_dir), "--out", str(out),
-                           "--limit", "7", "--workers", "2", "--no-usm"], capture_output=True, text=True, timeout=300)
+                           "--limit", "7", "--workers", "2", "--no-usm", "--pipeline", pipeline],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{pipeline} pipeline" in proc.stderr
     assert len((out / "records.jsonl").read_text().splitlines()) == 7
     assert len(list((out / "lr").glob("*.png"))) == 7 and not (out / "hr_usm").exists()
+
+
+def test_generate_split_writes_the_same_files_as_batch(photo_dir, tmp_path, capsys):
+    """--pipeline split on the CPU: the very same records and pixels as the whole-batch path."""
+    outs = {}
+    for pipeline in ("batch", "split"):
+        out = outs[pipeline] = tmp_path / pipeline
+        args = ["generate", "--images", str(photo_dir), "--out", str(out), "--limit", "8", "--seed", "3",
+                "--pipeline", pipeline, "--workers", "0" if pipeline == "batch" else "1", "--png-level", "1"]
+        assert main(args) == 0
+        assert "kB per pair at PNG level 1" in capsys.readouterr().out
+    recs = [(outs[p] / "records.jsonl").read_text() for p in ("batch", "split")]
+    assert recs[0] == recs[1] and len(recs[0].splitlines()) == 8
+    for rec in map(json.loads, recs[0].splitlines()):
+        for kind in ("lr", "hr", "hr_usm"):
+            a, b = (np.asarray(Image.open(outs[p] / kind / rec["file"])) for p in ("batch", "split"))
+            assert np.array_equal(a, b)
 
 
 def test_image_broken_after_scan_skips_its_batch_and_says_so(photo_dir, tmp_path, capsys, monkeypatch):
