@@ -22,6 +22,7 @@ unlinked when released.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -29,7 +30,20 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 _NAMES = itertools.count()
+#: where POSIX shared memory lives on Linux (a tmpfs; Docker's default is only 64 MB)
+SHM_DIR = "/dev/shm"
+
+
+def shm_free_bytes(path: str = SHM_DIR) -> int | None:
+    """Free bytes of the shared-memory filesystem, or None where it cannot be read."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,16 @@ class Slot:
         self.spec = spec
         self._shm = shared_memory.SharedMemory(name=spec.name, create=create, size=spec.nbytes if create else 0)
         self._owner = create
+        if create:
+            try:  # reserve the pages now: a full /dev/shm is a clear error here, not a SIGBUS mid-batch
+                os.posix_fallocate(self._shm._fd, 0, spec.nbytes)
+            except (OSError, AttributeError) as exc:
+                self.close()
+                if isinstance(exc, AttributeError):  # pragma: no cover - no posix_fallocate on this platform
+                    raise
+                raise OSError(f"cannot reserve {spec.nbytes / 1e6:.0f} MB of shared memory in {SHM_DIR} "
+                              f"({exc.strerror}); give the container more (docker: shm_size, "
+                              "Kubernetes: an emptyDir of medium Memory at /dev/shm)") from None
         for name, shape, offset in spec.layout():
             setattr(self, name, np.ndarray(shape, dtype=np.uint8, buffer=self._shm.buf, offset=offset))
 
@@ -103,6 +127,17 @@ class SlotPool:
             raise ValueError(f"need at least one slot of at least one patch, got {count} x {capacity}")
         self.capacity, self.patch, self.lr = capacity, patch, lr
         prefix = f"degrade-{os.getpid()}-{next(_NAMES)}"
+        each = SlotSpec(prefix, capacity, patch, lr).nbytes
+        free = shm_free_bytes()
+        if free is not None and count * each > 0.8 * free:
+            fits = int(0.8 * free // each)
+            if fits < 1:
+                raise OSError(f"{SHM_DIR} has {free / 1e6:.0f} MB free; one batch slot needs {each / 1e6:.0f} MB. "
+                              "Give the container more shared memory (docker: shm_size, Kubernetes: an emptyDir "
+                              "of medium Memory at /dev/shm)")
+            log.warning("%s has %.0f MB free: %d batch slot(s) of %.0f MB instead of %d (fewer batches in flight; "
+                        "raise shm_size for more)", SHM_DIR, free / 1e6, fits, each / 1e6, count)
+            count = fits
         self._all = [Slot(SlotSpec(f"{prefix}-{i}", capacity, patch, lr), create=True) for i in range(count)]
         self._free = list(self._all)
         self._cond = threading.Condition()

@@ -192,3 +192,19 @@ def test_a_slot_pool_hands_out_each_slot_once():
         assert np.all(b.lr == 0)
     finally:
         pool.close()
+
+
+def test_a_small_dev_shm_means_fewer_slots_or_a_clear_error(monkeypatch, caplog):
+    import server.shared_slots as slots
+
+    each = slots.SlotSpec("x", 4, 16, 4).nbytes
+    monkeypatch.setattr(slots, "shm_free_bytes", lambda path=slots.SHM_DIR: int(each * 3 / 0.8))
+    pool = SlotPool(10, capacity=4, patch=16, lr=4)
+    try:
+        assert len(pool._all) == 3
+        assert "instead of 10" in caplog.text
+    finally:
+        pool.close()
+    monkeypatch.setattr(slots, "shm_free_bytes", lambda path=slots.SHM_DIR: each // 2)
+    with pytest.raises(OSError, match="shm_size"):
+        SlotPool(2, capacity=4, patch=16, lr=4)
