@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -79,11 +80,14 @@ def test_full_epoch_arrives_exactly_once_with_engine_bytes(make_server, photo_di
 def test_two_servers_give_identical_bytes(make_server):
     _, a = make_server(workers=1)
     _, b = make_server(workers=0)  # in-process engine: a different execution path, same function
+    srv_c, c = make_server(workers=1, pipeline="split")  # device stage + pool + shared memory: same function again
+    assert srv_c.service.producer.pipeline == "split"
     req = pb.BatchRequest(seed=SEED, epoch=2, index_list=pb.IndexList(indices=[3, 0]), include_hr=True,
                           include_hr_usm=True, max_chunk_bytes=200_000)
     got_a = [c.SerializeToString() for c in stub_for(a).StreamBatches(req)]
     got_b = [c.SerializeToString() for c in stub_for(b).StreamBatches(req)]
-    assert got_a == got_b
+    got_c = [c.SerializeToString() for c in stub_for(c).StreamBatches(req)]
+    assert got_a == got_b == got_c
     chunks = [pb.PairChunk.FromString(c) for c in got_a]
     assert chunks[0].batch_index == 3 and chunks[-1].batch_index == 0  # request order
     # a patch with HR and USM is 778 kB, above the 200 kB asked for: one patch per chunk
@@ -300,8 +304,10 @@ def test_slow_client_does_not_grow_server_memory(make_server, tmp_path):
 
 # --- shutdown and health ---------------------------------------------------------
 @pytest.mark.slow
-def test_sigterm_goes_not_serving_then_exits(photo_dir, service_cfg_file):
-    proc, address = spawn_server(photo_dir, service_cfg_file, "--drain-seconds", "1.5", "--grace-seconds", "5")
+@pytest.mark.parametrize("pipeline", ["batch", "split"])
+def test_sigterm_goes_not_serving_then_exits(photo_dir, service_cfg_file, pipeline):
+    proc, address = spawn_server(photo_dir, service_cfg_file, "--drain-seconds", "1.5", "--grace-seconds", "5",
+                                 "--pipeline", pipeline)
     try:
         ch = grpc.insecure_channel(address)
         health = health_pb2_grpc.HealthStub(ch)
@@ -324,6 +330,8 @@ def test_sigterm_goes_not_serving_then_exits(photo_dir, service_cfg_file):
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "another server" in e.value.details()
         assert proc.wait(30) == 0
         assert time.monotonic() - t0 < 1.5 + 5 + 10  # drain + grace + start-up slack, not a stuck pool
+        # the split pipeline's shared-memory slots are gone with the server
+        assert not list(Path("/dev/shm").glob(f"degrade-{proc.pid}-*"))
     finally:
         kill_group(proc)
 
