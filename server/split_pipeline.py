@@ -143,6 +143,7 @@ class SplitProducer(BatchProducer):
         self._engine_lock = threading.Lock()
         self._device_q: queue.Queue[_Job | None] = queue.Queue()
         self._device_thread: threading.Thread | None = None
+        self._torch_threads = torch.get_num_threads()  # restored at close (the device stage may change it)
         self._job_lock = threading.Lock()
         #: busy seconds of the device stage and of the pool workers (all together), since start
         self.busy = {"device": 0.0, "pool": 0.0}
@@ -235,6 +236,10 @@ class SplitProducer(BatchProducer):
 
     # ------------------------------------------------------------------
     def _device_loop(self) -> None:
+        if self.device == "cpu":
+            # on the CPU the device stage is one core's work, like each worker's: torch's threads would
+            # only fight the pool for the other cores (7x slower here with both cores busy)
+            torch.set_num_threads(1)
         while True:
             job = self._device_q.get()
             if job is None:
@@ -365,5 +370,6 @@ class SplitProducer(BatchProducer):
         if thread is not None:
             self._device_q.put(None)
             thread.join(30 if not terminate else 5)
+            torch.set_num_threads(self._torch_threads)
         self._slots.close()
 
