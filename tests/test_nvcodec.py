@@ -245,6 +245,61 @@ def test_probe_nvenc_gpu_and_trial_encoder():
     assert broken.available  # NVDEC still usable
 
 
+#: The real text of ``import PyNvVideoCodec`` (2.2.4) where the driver's NVENC
+#: library is missing (captured from the wheel on a machine without it).
+NVENC_LIB_MISSING = (
+    "Failed to load NVENC library: libnvidia-encode.so.1: cannot open shared object file: No such file or "
+    "directory\n\n=== TROUBLESHOOTING STEPS ===\n\nThe NVENC library could not be found. This usually means:\n"
+    "\n1. **Running in Docker?**\n   - Ensure your container was launched with: "
+    "NVIDIA_DRIVER_CAPABILITIES=compute,utility,video"
+)
+
+
+class MultiLineNvc(FakeNvc):
+    """Encoder creation fails with a headline first and the cause on later lines."""
+
+    def CreateEncoder(self, w, h, fmt, cpu, **opts):  # noqa: N802
+        raise RuntimeError("PyNvEncoder: encoder creation failed\n\n  cause:\tNV_ENC_ERR_UNSUPPORTED_DEVICE\n"
+                           "  at NvEncoder.cpp:212\n")
+
+
+def test_probe_notes_keep_the_whole_multi_line_cause():
+    caps = nvcodec.probe_hardware(nvc=MultiLineNvc(nvenc=True), device_name="RTX")
+    note = caps.notes["encode:libx264"]
+    assert note == ("no NVENC (encoder creation failed: RuntimeError: PyNvEncoder: encoder creation failed "
+                    "cause: NV_ENC_ERR_UNSUPPORTED_DEVICE at NvEncoder.cpp:212)")
+
+
+def test_error_text_folds_whitespace_and_bounds_length():
+    assert nvcodec.error_text(RuntimeError("a\n\n  b\tc  ")) == "RuntimeError: a b c"
+    assert nvcodec.error_text(ValueError()) == "ValueError"
+    text = nvcodec.error_text(RuntimeError(NVENC_LIB_MISSING * 20), limit=200)
+    assert len(text) == 200 and "\n" not in text
+    assert text.startswith("RuntimeError: Failed to load NVENC library: libnvidia-encode.so.1: cannot open")
+    full = "RuntimeError: " + " ".join((NVENC_LIB_MISSING * 20).split())
+    head, tail = text.rsplit(" ... [", 1)
+    assert full.startswith(head) and tail == f"{len(full) - len(head)} more chars]"  # the cut is counted
+
+
+def test_import_error_keeps_the_cause(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kw):
+        if name == "PyNvVideoCodec":
+            raise RuntimeError(NVENC_LIB_MISSING)
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(nvcodec, "pynvvideocodec_installed", lambda: True)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(RuntimeError) as err:
+        nvcodec.import_pynvvideocodec()
+    msg = str(err.value)
+    assert "\n" not in msg and "libnvidia-encode.so.1: cannot open shared object file" in msg
+    assert "TROUBLESHOOTING STEPS" in msg and "NVIDIA_DRIVER_CAPABILITIES" in msg
+
+
 # --- selection ----------------------------------------------------------------------
 
 

@@ -256,8 +256,7 @@ def import_pynvvideocodec():
     try:
         import PyNvVideoCodec as nvc  # noqa: N813
     except Exception as e:  # ImportError, RuntimeError from its driver check, OSError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeError(f"PyNvVideoCodec failed to load: {first}") from e
+        raise RuntimeError(f"PyNvVideoCodec failed to load: {error_text(e)}") from e
     return nvc
 
 
@@ -275,9 +274,30 @@ def _cuda_status() -> tuple[bool, str, str | None]:
         return False, f"CUDA unusable: {e}", None
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+#: Longest error text kept in a note, a reason or a ``CodecError`` (characters).
+ERROR_TEXT_LIMIT = 400
+
+
+def fold_text(text: str, limit: int = ERROR_TEXT_LIMIT) -> str:
+    """``text`` on one line (every run of whitespace, newlines included, made
+    one space), at most ``limit`` characters; a longer text is cut with
+    ``" ... [N more chars]"`` so the cut is visible."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    tail = " ... [{} more chars]"
+    keep = max(0, limit - len(tail.format(len(text))))
+    return text[:keep] + tail.format(len(text) - keep)
+
+
+def error_text(e: BaseException, limit: int = ERROR_TEXT_LIMIT) -> str:
+    """``"<Type>: <whole message>"``, whitespace-folded and bounded.
+
+    PyNvVideoCodec's exception texts can run over several lines and the
+    first one need not be the cause, so all of it is kept.
+    """
+    text = " ".join(str(e).split())
+    return fold_text(f"{type(e).__name__}: {text}" if text else type(e).__name__, limit)
 
 
 def _limits(caps: Mapping[str, Any], default_min: tuple[int, int], engines_key: str) -> CodecLimits:
@@ -338,7 +358,7 @@ def probe_hardware(
         try:
             caps = dict(nvc.GetDecoderCaps(gpuid=gpu_id, codec=getattr(nvc.cudaVideoCodec, member)))
         except Exception as e:
-            notes[f"decode:{codec}"] = f"GetDecoderCaps failed: {_first_line(e)}"
+            notes[f"decode:{codec}"] = f"GetDecoderCaps failed: {error_text(e)}"
             continue
         if not int(caps.get("supported", 1)):
             notes[f"decode:{codec}"] = "NVDEC does not support it on this GPU"
@@ -349,7 +369,7 @@ def probe_hardware(
         try:
             caps = dict(nvc.GetEncoderCaps(gpuid=gpu_id, codec=name))
         except Exception as e:
-            notes[f"encode:{codec}"] = f"no NVENC ({_first_line(e)})"
+            notes[f"encode:{codec}"] = f"no NVENC ({error_text(e)})"
             continue
         if not caps:
             notes[f"encode:{codec}"] = "no NVENC (empty encoder caps)"
@@ -360,7 +380,7 @@ def probe_hardware(
             try:
                 nvc.CreateEncoder(w, h, "NV12", False, codec=name, gpu_id=str(gpu_id))
             except Exception as e:
-                notes[f"encode:{codec}"] = f"no NVENC (encoder creation failed: {_first_line(e)})"
+                notes[f"encode:{codec}"] = f"no NVENC (encoder creation failed: {error_text(e)})"
                 continue
         elif "num_encoder_engines" in caps and limits.engines == 0:
             notes[f"encode:{codec}"] = "no NVENC (0 encoder engines)"
@@ -653,7 +673,7 @@ class NvCodecBackend(CodecBackend):
         except (CodecError, ValueError):
             raise
         except Exception as e:  # PyNvVideoCodec / CUDA errors of every kind
-            raise CodecError(f"{params.codec}: {self.name}: {_first_line(e)}") from e
+            raise CodecError(f"{params.codec}: {self.name}: {error_text(e)}") from e
         return _like_input(out, frames, is_tensor)
 
     # -- the two round trips -------------------------------------------------------
