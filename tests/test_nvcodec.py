@@ -12,6 +12,7 @@ skip cleanly elsewhere (and where the package is missing).
 
 from __future__ import annotations
 
+import json
 import sys
 from fractions import Fraction
 from types import SimpleNamespace
@@ -218,10 +219,10 @@ def test_import_failure_becomes_a_reason(monkeypatch):
     monkeypatch.setattr(nvcodec, "_cuda_status", lambda: (True, "", "Fake GPU"))
     monkeypatch.setattr(nvcodec, "pynvvideocodec_installed", lambda: True)
     monkeypatch.setitem(sys.modules, "PyNvVideoCodec", None)  # import raises ImportError
-    caps = nvcodec.probe_hardware(gpu_id=0)
+    caps = nvcodec.probe_hardware(gpu_id=0, isolate=False)  # the patches live in this process
     assert not caps.available and "PyNvVideoCodec failed to load" in caps.reason
     monkeypatch.setattr(nvcodec, "pynvvideocodec_installed", lambda: False)
-    caps = nvcodec.probe_hardware(gpu_id=0)
+    caps = nvcodec.probe_hardware(gpu_id=0, isolate=False)
     assert not caps.available and "not installed" in caps.reason
 
 
@@ -298,6 +299,63 @@ def test_import_error_keeps_the_cause(monkeypatch):
     msg = str(err.value)
     assert "\n" not in msg and "libnvidia-encode.so.1: cannot open shared object file" in msg
     assert "TROUBLESHOOTING STEPS" in msg and "NVIDIA_DRIVER_CAPABILITIES" in msg
+
+
+# --- the probe in a subprocess -----------------------------------------------------------
+
+
+@pytest.fixture()
+def cuda_seen(monkeypatch):
+    """The parent believes a GPU is there, so the probe subprocess is started."""
+    monkeypatch.setattr(nvcodec, "_cuda_visible", lambda: (True, ""))
+
+
+@pytest.mark.parametrize("fault, expected", [
+    ("exits_hard", "died before answering (exit code 3)"),
+    ("segfaults", "died before answering (killed by signal SIGSEGV)"),
+    ("raises", "failed: RuntimeError: cuCtxCreate failed CUDA_ERROR_NO_DEVICE: no CUDA-capable device"),
+    ("calls_sys_exit", "failed: SystemExit: 2"),
+    ("answers_nonsense", "unusable answer: KeyError: 'reason'"),
+])
+def test_probe_subprocess_failure_is_a_clear_unavailable(cuda_seen, fault, expected):
+    import nvcodec_probe_faults as faults
+
+    caps = nvcodec.probe_hardware(target=getattr(faults, fault), timeout=120)
+    assert not caps.available and not caps.encode and not caps.decode
+    assert caps.reason.startswith("hardware probe subprocess ") and expected in caps.reason, caps.reason
+    assert "no hardware codecs: hardware probe subprocess" in caps.summary()
+
+
+def test_probe_subprocess_that_hangs_is_killed(cuda_seen):
+    import nvcodec_probe_faults as faults
+
+    caps = nvcodec.probe_hardware(target=faults.hangs, timeout=2)
+    assert not caps.available
+    assert caps.reason == "hardware probe subprocess did not answer within 2 s (killed)"
+
+
+def test_probe_subprocess_answer_becomes_caps(cuda_seen):
+    import nvcodec_probe_faults as faults
+
+    caps = nvcodec.probe_hardware(gpu_id=1, trial_encode=False, target=faults.answers_h100)
+    assert caps.available and caps.device == "NVIDIA H100" and caps.gpu_id == 1
+    assert caps.decode["libx264"] == CodecLimits(48, 16, 4096, 4096, engines=7) and not caps.encode
+    assert caps.notes["encode:libx264"] == "no NVENC (trial_encode=False)"  # the arguments reach the child
+
+
+def test_probe_subprocess_runs_the_real_probe(cuda_seen):
+    """The default body, really spawned: on this CPU machine the child finds no GPU and says so."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the child would really probe it")
+    caps = nvcodec.probe_hardware(timeout=120)
+    assert not caps.available and "torch.cuda.is_available() is False" in caps.reason
+
+
+def test_hardware_caps_dict_round_trip():
+    for caps in (h100_caps(), rtx_caps(), no_gpu_caps()):
+        data = caps.to_dict()
+        assert json.loads(json.dumps(data)) == data  # plain data only
+        assert HardwareCaps.from_dict(data) == caps
 
 
 # --- selection ----------------------------------------------------------------------

@@ -5,7 +5,9 @@ datacenter GPU (A100 / H100 / H200: NVDEC but no NVENC) can run.
 
 Importing this module needs neither the package nor a driver: PyNvVideoCodec
 is imported inside functions, and :func:`probe_hardware` reports "nothing
-available" with the reason instead of raising.
+available" with the reason instead of raising.  The probe runs in a spawned
+subprocess, so a CUDA context the driver leaks on a GPU without NVENC, or an
+``exit()`` inside PyNvVideoCodec, cannot reach the server process.
 
 Two backends, one class (:class:`NvCodecBackend`):
 
@@ -101,7 +103,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass, field
+import multiprocessing as mp
+import signal
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -225,6 +229,35 @@ class HardwareCaps:
     def none(cls, reason: str) -> "HardwareCaps":
         return cls(available=False, reason=reason)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (str / int / bool / dict), what the probe subprocess sends back."""
+        return {
+            "available": bool(self.available),
+            "reason": str(self.reason),
+            "device": self.device,
+            "library": self.library,
+            "gpu_id": int(self.gpu_id),
+            "encode": {k: asdict(v) for k, v in self.encode.items()},
+            "decode": {k: asdict(v) for k, v in self.decode.items()},
+            "notes": dict(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "HardwareCaps":
+        """Inverse of :meth:`to_dict`; ``TypeError`` / ``KeyError`` / ``ValueError`` on a malformed dict."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"expected a dict, got {type(data).__name__}")
+        return cls(
+            available=bool(data["available"]),
+            reason=str(data["reason"]),
+            device=data.get("device"),
+            library=data.get("library"),
+            gpu_id=int(data.get("gpu_id", 0)),
+            encode={str(k): CodecLimits(**v) for k, v in dict(data.get("encode", {})).items()},
+            decode={str(k): CodecLimits(**v) for k, v in dict(data.get("decode", {})).items()},
+            notes={str(k): str(v) for k, v in dict(data.get("notes", {})).items()},
+        )
+
     def can_encode(self, codec: str) -> bool:
         return codec in self.encode
 
@@ -318,13 +351,159 @@ def _limits(caps: Mapping[str, Any], default_min: tuple[int, int], engines_key: 
     )
 
 
+#: Seconds the probe subprocess may take: start-up, importing torch and
+#: PyNvVideoCodec, CUDA initialisation, the caps queries and trial encoders.
+PROBE_TIMEOUT_S = 120.0
+
+
 def probe_hardware(
     gpu_id: int | None = None,
     trial_encode: bool = True,
     nvc: Any = None,
     device_name: str | None = None,
+    *,
+    isolate: bool = True,
+    timeout: float = PROBE_TIMEOUT_S,
+    target: Callable[[int | None, bool], Mapping[str, Any]] | None = None,
 ) -> HardwareCaps:
-    """Probe NVENC / NVDEC once; never raises.
+    """Probe NVENC / NVDEC once; never raises, never takes the process down.
+
+    The probe runs in a spawned subprocess (``isolate``, the default) that
+    sends back :meth:`HardwareCaps.to_dict`: on a GPU without NVENC,
+    ``GetEncoderCaps`` and the trial ``CreateEncoder`` create a CUDA context
+    and throw before destroying it, and PyNvVideoCodec calls ``exit()`` on
+    some CUDA driver errors; in a subprocess the leaked context goes away
+    with it, and a subprocess that dies, raises, hangs past ``timeout``
+    seconds or answers nonsense becomes "unavailable" with the reason.
+    Without a CUDA GPU visible to torch no subprocess is started.
+
+    ``isolate=False`` probes in this process (:func:`probe_hardware_here`),
+    as does an injected ``nvc`` (a fake PyNvVideoCodec module, tests).
+    ``target`` replaces the function the subprocess runs (a picklable,
+    module-level ``f(gpu_id, trial_encode) -> dict``; tests).
+    """
+    if nvc is not None or not isolate:
+        return probe_hardware_here(gpu_id, trial_encode, nvc=nvc, device_name=device_name)
+    ok, why = _cuda_visible()
+    if not ok:
+        extra = "" if pynvvideocodec_installed() else "; PyNvVideoCodec not installed"
+        return HardwareCaps.none(why + extra)
+    if gpu_id is None:
+        gpu_id = _current_device_if_initialised()
+    try:
+        answer = run_isolated(target or _probe_child, (gpu_id, bool(trial_encode)), timeout=timeout,
+                              what="hardware probe")
+        caps = HardwareCaps.from_dict(answer)
+    except IsolatedError as e:
+        caps = HardwareCaps.none(str(e))
+    except (TypeError, KeyError, ValueError) as e:
+        caps = HardwareCaps.none(f"hardware probe subprocess gave an unusable answer: {error_text(e)}")
+    if not caps.available:
+        log.warning("hardware codecs unavailable: %s", caps.reason)
+    return caps
+
+
+def _cuda_visible() -> tuple[bool, str]:
+    """Whether torch sees a CUDA GPU (no CUDA context is created)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return True, ""
+        return False, "no NVIDIA GPU: torch.cuda.is_available() is False"
+    except Exception as e:
+        return False, f"CUDA unusable: {error_text(e)}"
+
+
+def _current_device_if_initialised() -> int | None:
+    import torch
+
+    return torch.cuda.current_device() if torch.cuda.is_initialized() else None
+
+
+def _probe_child(gpu_id: int | None, trial_encode: bool) -> dict[str, Any]:
+    """What the probe subprocess runs: the probe, as plain data."""
+    return probe_hardware_here(gpu_id, trial_encode).to_dict()
+
+
+class IsolatedError(RuntimeError):
+    """A function run by :func:`run_isolated` raised, died, hung or answered nothing."""
+
+
+def _isolated_main(conn: Any, func: Callable[..., Any], args: tuple) -> None:
+    """Body of the subprocess: run ``func``, send ``("ok", value)`` or ``("error", text)``."""
+    try:
+        try:
+            value = func(*args)
+        except BaseException as e:  # SystemExit from exit() too: report it, do not just vanish
+            conn.send(("error", error_text(e)))
+            return
+        try:
+            conn.send(("ok", value))
+        except Exception as e:  # unpicklable answer
+            conn.send(("error", f"answer not sendable: {error_text(e)}"))
+    finally:
+        conn.close()
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "no exit code"
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def run_isolated(func: Callable[..., Any], args: tuple = (), *, timeout: float, what: str = "subprocess") -> Any:
+    """``func(*args)`` in a fresh spawned process; its return value, or
+    :class:`IsolatedError` saying why there is none: it raised (the error
+    text), died before answering (exit code or signal), or did not answer
+    within ``timeout`` seconds (then it is killed).  ``func`` and ``args``
+    must be picklable (a module-level function), and so must the answer."""
+    ctx = mp.get_context("spawn")
+    recv_end, send_end = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_isolated_main, args=(send_end, func, args), name=what.replace(" ", "-"))
+    try:
+        proc.start()
+    except Exception as e:
+        recv_end.close()
+        send_end.close()
+        raise IsolatedError(f"{what} subprocess could not start: {error_text(e)}") from e
+    send_end.close()  # ours: so a child that dies reads as end-of-file
+    try:
+        if not recv_end.poll(timeout):
+            raise IsolatedError(f"{what} subprocess did not answer within {timeout:g} s (killed)")
+        try:
+            kind, payload = recv_end.recv()
+        except (EOFError, OSError):
+            proc.join(5)
+            raise IsolatedError(f"{what} subprocess died before answering ({_exit_text(proc.exitcode)}); "
+                                "PyNvVideoCodec exits the process on some CUDA driver errors") from None
+        proc.join(5)  # it has answered: let it exit on its own
+        if kind != "ok":
+            raise IsolatedError(f"{what} subprocess failed: {payload}")
+        return payload
+    finally:
+        recv_end.close()
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def probe_hardware_here(
+    gpu_id: int | None = None,
+    trial_encode: bool = True,
+    nvc: Any = None,
+    device_name: str | None = None,
+) -> HardwareCaps:
+    """The probe itself, in this process (see :func:`probe_hardware`, which
+    runs this in a subprocess); never raises.
 
     Order: a CUDA GPU visible to torch (the colour conversion runs in torch),
     PyNvVideoCodec importable, then per codec ``GetDecoderCaps`` and
@@ -783,6 +962,7 @@ __all__ = [
     "DEFAULT_ENCODE_MIN",
     "HardwareCaps",
     "I_QP_OFFSET",
+    "IsolatedError",
     "NVDEC_CODECS",
     "NVENC_CODECS",
     "NvCodecBackend",
@@ -794,4 +974,6 @@ __all__ = [
     "nvenc_preset",
     "nvenc_qp",
     "probe_hardware",
+    "probe_hardware_here",
+    "run_isolated",
 ]
