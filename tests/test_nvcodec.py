@@ -282,23 +282,107 @@ def test_error_text_folds_whitespace_and_bounds_length():
     assert full.startswith(head) and tail == f"{len(full) - len(head)} more chars]"  # the cut is counted
 
 
-def test_import_error_keeps_the_cause(monkeypatch):
+def _raise_on_import(monkeypatch, error: BaseException) -> None:
+    """``import PyNvVideoCodec`` raises ``error`` (the package counts as installed)."""
     import builtins
 
     real_import = builtins.__import__
 
     def fake_import(name, *args, **kw):
         if name == "PyNvVideoCodec":
-            raise RuntimeError(NVENC_LIB_MISSING)
+            raise error
         return real_import(name, *args, **kw)
 
+    monkeypatch.setattr(nvcodec, "_direct", None)
     monkeypatch.setattr(nvcodec, "pynvvideocodec_installed", lambda: True)
     monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+def test_import_error_keeps_the_cause(monkeypatch):
+    _raise_on_import(monkeypatch, RuntimeError("Driver version is too old\n\n  NVENC API 11.1 found, 12.1 needed"))
+    monkeypatch.setattr(nvcodec, "_load_direct", lambda: pytest.fail("not an NVENC-library error: no direct load"))
+    with pytest.raises(RuntimeError) as err:
+        nvcodec.import_pynvvideocodec()
+    assert str(err.value) == ("PyNvVideoCodec failed to load: RuntimeError: Driver version is too old "
+                              "NVENC API 11.1 found, 12.1 needed")
+
+
+def test_missing_nvenc_library_and_failing_direct_load_names_both(monkeypatch):
+    _raise_on_import(monkeypatch, RuntimeError(NVENC_LIB_MISSING))
+    monkeypatch.setattr(nvcodec, "_package_dir", lambda: None)
     with pytest.raises(RuntimeError) as err:
         nvcodec.import_pynvvideocodec()
     msg = str(err.value)
     assert "\n" not in msg and "libnvidia-encode.so.1: cannot open shared object file" in msg
     assert "TROUBLESHOOTING STEPS" in msg and "NVIDIA_DRIVER_CAPABILITIES" in msg
+    assert msg.endswith("loading its native module directly failed too: ImportError: PyNvVideoCodec's package "
+                        "folder not found")
+
+
+@pytest.fixture()
+def wheel_without_nvenc_library(tmp_path, monkeypatch):
+    """An installed PyNvVideoCodec laid out like the 2.2.4 wheel, whose ``__init__``
+    raises what the real one raises without ``libnvidia-encode.so.1``.  Only the
+    loading of the native extension itself is stood in for (a FakeNvc): the
+    import, the package lookup, the file choice and the metadata are real."""
+    import importlib.machinery
+
+    pkg = tmp_path / "PyNvVideoCodec"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(f"raise RuntimeError({NVENC_LIB_MISSING!r})\n")
+    ext = importlib.machinery.EXTENSION_SUFFIXES[0]
+    for name in ("PyNvVideoCodec_121", "PyNvVideoCodec_130", "VersionCheck"):
+        (pkg / f"{name}{ext}").write_bytes(b"")
+    meta = tmp_path / "pynvvideocodec-2.2.4.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: PyNvVideoCodec\nVersion: 2.2.4\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "PyNvVideoCodec", raising=False)
+    monkeypatch.setattr(nvcodec, "_direct", None)
+    loaded: list[str] = []
+
+    def exec_native(path):
+        loaded.append(path)
+        return FakeNvc(nvenc=True)  # it could encode: the probe must not even ask
+
+    monkeypatch.setattr(nvcodec, "_exec_native_module", exec_native)
+    return pkg / f"PyNvVideoCodec_130{ext}", loaded
+
+
+def test_missing_nvenc_library_loads_the_native_module_directly(wheel_without_nvenc_library, monkeypatch, caplog):
+    native, loaded = wheel_without_nvenc_library
+    with pytest.raises(RuntimeError, match="libnvidia-encode.so.1"):
+        import PyNvVideoCodec  # noqa: F401  - the package itself really fails
+    with caplog.at_level("WARNING", logger=nvcodec.log.name):
+        nvc = nvcodec.import_pynvvideocodec()
+    note = f"nvenc unavailable: libnvidia-encode.so.1 missing; NVDEC via direct module load ({native.name})"
+    assert loaded == [str(native)] and nvc.__load_note__ == note and nvc.__version__ == "2.2.4"
+    assert callable(nvc.GetDecoderCaps) and nvc.cudaVideoCodec.HEVC == "HEVC"  # the native module's names
+    assert any(note in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert nvcodec.import_pynvvideocodec() is nvc and len(loaded) == 1  # once per process
+
+    monkeypatch.setattr(nvcodec, "_cuda_status", lambda: (True, "", "NVIDIA H200"))
+    caps = nvcodec.probe_hardware(gpu_id=0, isolate=False)
+    assert caps.available and set(caps.decode) == set(ALL) and not caps.encode
+    assert caps.notes["encode:libx264"] == note and caps.warnings == (note,)
+    assert caps.library == "PyNvVideoCodec 2.2.4" and f"(warning: {note})" in caps.summary()
+    assert HardwareCaps.from_dict(caps.to_dict()) == caps  # it survives the probe subprocess
+    plan = selection.select_backends(caps)
+    assert plan.hardware_warnings == (note,) and f"warning: {note}" in plan.explain()
+    assert "libnvidia-encode.so.1 missing" in plan.choices["libx264"].reason  # why no nvenc
+
+
+def test_getinfo_lists_the_probe_warning(monkeypatch, make_server):
+    note = nvcodec.nvenc_missing_note("/x/PyNvVideoCodec_130.cpython-312-x86_64-linux-gnu.so")
+    caps = HardwareCaps(True, "NVENC: none; NVDEC: all", device="NVIDIA H200", decode=h100_caps().decode,
+                        notes={"encode:libx264": note, "encode:libx265": note}, warnings=(note,))
+    monkeypatch.setattr(nvcodec, "probe_hardware", lambda *a, **k: caps)
+    _, address = make_server(codec_backend="auto,libx264=hybrid")
+    from client import DegradeClient
+
+    with DegradeClient(address) as client:
+        backends = list(client.info().codec_backends)
+    assert "hybrid" in backends and "software" in backends and note in backends
 
 
 # --- the probe in a subprocess -----------------------------------------------------------

@@ -65,7 +65,12 @@ for the option names; exercised by the ``gpu`` tests of
   ``supported``, ``width_min``, ``height_min``, ``width_max``,
   ``height_max``, ``num_decoder_engines``.
 * Importing ``PyNvVideoCodec`` raises ``RuntimeError`` (not ImportError)
-  when the driver's NVENC library is missing.
+  when the driver's NVENC library is missing (its ``__init__`` asks that
+  library for the NVENC API version, then loads
+  ``PyNvVideoCodec_130`` or ``_121`` + the extension suffix as
+  ``_PyNvVideoCodec`` and copies its names); decoding does not need the
+  library, so :func:`import_pynvvideocodec` then loads the native module
+  itself and reports it.
 
 Mapping of the spec's x264/x265 parameters to NVENC (``nvenc_options``):
 
@@ -104,6 +109,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import multiprocessing as mp
+import os
 import signal
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -213,7 +219,9 @@ class HardwareCaps:
     :class:`VideoParams`) to the sizes NVENC / NVDEC accept; a codec that is
     absent cannot be used there, and ``notes`` says why (``"encode:libx264"``,
     ``"decode:mpeg4"``).  ``reason`` is one line for the log: why nothing is
-    available, or what is.
+    available, or what is.  ``warnings``: what works only in part and must
+    not go unnoticed (e.g. :func:`nvenc_missing_note`); logged, in
+    :meth:`summary` and in GetInfo's ``codec_backends``.
     """
 
     available: bool
@@ -224,6 +232,7 @@ class HardwareCaps:
     encode: Mapping[str, CodecLimits] = field(default_factory=dict)
     decode: Mapping[str, CodecLimits] = field(default_factory=dict)
     notes: Mapping[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
 
     @classmethod
     def none(cls, reason: str) -> "HardwareCaps":
@@ -240,6 +249,7 @@ class HardwareCaps:
             "encode": {k: asdict(v) for k, v in self.encode.items()},
             "decode": {k: asdict(v) for k, v in self.decode.items()},
             "notes": dict(self.notes),
+            "warnings": list(self.warnings),
         }
 
     @classmethod
@@ -256,6 +266,7 @@ class HardwareCaps:
             encode={str(k): CodecLimits(**v) for k, v in dict(data.get("encode", {})).items()},
             decode={str(k): CodecLimits(**v) for k, v in dict(data.get("decode", {})).items()},
             notes={str(k): str(v) for k, v in dict(data.get("notes", {})).items()},
+            warnings=tuple(str(w) for w in data.get("warnings", ())),
         )
 
     def can_encode(self, codec: str) -> bool:
@@ -270,26 +281,120 @@ class HardwareCaps:
         enc = ", ".join(self.encode) or "none"
         dec = ", ".join(self.decode) or "none"
         where = f"{self.device or 'GPU'}" + (f", {self.library}" if self.library else "")
-        return f"{where}: NVENC {enc}; NVDEC {dec}"
+        warn = "".join(f" (warning: {w})" for w in self.warnings)
+        return f"{where}: NVENC {enc}; NVDEC {dec}{warn}"
 
 
 def pynvvideocodec_installed() -> bool:
     return importlib.util.find_spec("PyNvVideoCodec") is not None
 
 
+#: The driver library whose absence makes ``import PyNvVideoCodec`` fail,
+#: decoding included: the package's ``__init__`` asks it for the NVENC API
+#: version before it loads its native module.
+NVENC_LIBRARY = "libnvidia-encode.so.1"
+#: The package's native modules (``PyNvVideoCodec/PyNvVideoCodec<suffix>`` +
+#: the interpreter's extension suffix, module name ``_PyNvVideoCodec``), the
+#: NVENC 13.0 / CUDA 13 build first: that is what ``__init__`` picks on a
+#: driver recent enough for CUDA 13.
+NATIVE_MODULES = ("_130", "_121")
+NATIVE_MODULE_NAME = "_PyNvVideoCodec"
+
+_direct: Any = None  # the directly loaded module, once per process
+
+
+def nvenc_missing_note(module_file: str) -> str:
+    """What a direct load means, for logs, the probe result and GetInfo."""
+    return (f"nvenc unavailable: {NVENC_LIBRARY} missing; NVDEC via direct module load "
+            f"({os.path.basename(module_file)})")
+
+
+def _package_dir() -> str | None:
+    """PyNvVideoCodec's folder, found without running its ``__init__``."""
+    spec = importlib.util.find_spec("PyNvVideoCodec")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return list(spec.submodule_search_locations)[0]
+
+
+def _native_module_file(package_dir: str) -> str:
+    import importlib.machinery
+
+    tried = []
+    for suffix in NATIVE_MODULES:
+        for ext in importlib.machinery.EXTENSION_SUFFIXES:
+            path = os.path.join(package_dir, f"PyNvVideoCodec{suffix}{ext}")
+            if os.path.exists(path):
+                return path
+            tried.append(os.path.basename(path))
+    raise ImportError(f"no native module in {package_dir} (looked for {', '.join(tried)})")
+
+
+def _exec_native_module(path: str) -> Any:
+    """Load the extension module at ``path`` as ``_PyNvVideoCodec`` (its init
+    function's name), the way PyNvVideoCodec's ``__init__`` does."""
+    spec = importlib.util.spec_from_file_location(NATIVE_MODULE_NAME, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot make a module spec for {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _load_direct() -> Any:
+    """PyNvVideoCodec's native module without the package's ``__init__``: a
+    module with its public names, ``__version__`` (from the installed
+    distribution) and ``__load_note__`` (:func:`nvenc_missing_note`).  NVDEC
+    works through it; NVENC cannot, its library being missing."""
+    import types
+    from importlib import metadata
+
+    package_dir = _package_dir()
+    if package_dir is None:
+        raise ImportError("PyNvVideoCodec's package folder not found")
+    path = _native_module_file(package_dir)
+    native = _exec_native_module(path)
+    module = types.ModuleType("PyNvVideoCodec", f"PyNvVideoCodec's native module {path}, loaded directly")
+    for name in dir(native):
+        if not name.startswith("_"):
+            setattr(module, name, getattr(native, name))
+    try:
+        module.__version__ = metadata.version("PyNvVideoCodec")
+    except metadata.PackageNotFoundError:
+        module.__version__ = "?"
+    module.__file__ = path
+    module.__load_note__ = nvenc_missing_note(path)
+    return module
+
+
 def import_pynvvideocodec():
     """The PyNvVideoCodec module, or raise ``RuntimeError`` with the reason.
 
-    The package raises ``RuntimeError`` itself (and logs at ERROR level)
-    when the driver's NVENC library is missing; both that and a missing
-    package come out as ``RuntimeError`` here.
+    The package raises ``RuntimeError`` itself when the driver's NVENC
+    library (:data:`NVENC_LIBRARY`) is missing - even though decoding does
+    not need it.  Then its native module is loaded directly
+    (:func:`_load_direct`), so NVDEC still works, and a warning says so; the
+    module's ``__load_note__`` carries the note into the probe result.
+    Every other failure (and a failing direct load) is ``RuntimeError``.
     """
+    global _direct
+    if _direct is not None:
+        return _direct
     if not pynvvideocodec_installed():
         raise RuntimeError("PyNvVideoCodec is not installed (pip install PyNvVideoCodec)")
     try:
         import PyNvVideoCodec as nvc  # noqa: N813
     except Exception as e:  # ImportError, RuntimeError from its driver check, OSError
-        raise RuntimeError(f"PyNvVideoCodec failed to load: {error_text(e)}") from e
+        if NVENC_LIBRARY not in str(e):
+            raise RuntimeError(f"PyNvVideoCodec failed to load: {error_text(e)}") from e
+        try:
+            direct = _load_direct()
+        except Exception as e2:
+            raise RuntimeError(f"PyNvVideoCodec failed to load: {error_text(e)}; loading its native module "
+                               f"directly failed too: {error_text(e2)}") from e2
+        log.warning("PyNvVideoCodec: %s", direct.__load_note__)
+        _direct = direct
+        return direct
     return nvc
 
 
@@ -400,6 +505,8 @@ def probe_hardware(
         caps = HardwareCaps.none(f"hardware probe subprocess gave an unusable answer: {error_text(e)}")
     if not caps.available:
         log.warning("hardware codecs unavailable: %s", caps.reason)
+    for w in caps.warnings:
+        log.warning("hardware codecs: %s", w)
     return caps
 
 
@@ -509,8 +616,11 @@ def probe_hardware_here(
     PyNvVideoCodec importable, then per codec ``GetDecoderCaps`` and
     ``GetEncoderCaps``; with ``trial_encode`` an encoder is also created at
     the minimum size, the definitive test (spec: "encoder creation fails"
-    on GPUs without NVENC).  ``nvc`` (with ``device_name``) injects a
-    module in place of PyNvVideoCodec and skips the CUDA check (tests).
+    on GPUs without NVENC).  When PyNvVideoCodec's native module had to be
+    loaded directly (no NVENC library, see :func:`import_pynvvideocodec`),
+    NVENC is not asked at all: the encode notes and ``warnings`` say why.
+    ``nvc`` (with ``device_name``) injects a module in place of
+    PyNvVideoCodec and skips the CUDA check (tests).
     """
     if nvc is None:
         ok, why, device = _cuda_status()
@@ -544,7 +654,11 @@ def probe_hardware_here(
             continue
         decode[codec] = _limits(caps, DEFAULT_DECODE_MIN[codec], "num_decoder_engines")
 
+    load_note = getattr(nvc, "__load_note__", None)  # loaded directly: no NVENC library
     for codec, name in NVENC_CODECS.items():
+        if load_note:
+            notes[f"encode:{codec}"] = load_note
+            continue
         try:
             caps = dict(nvc.GetEncoderCaps(gpuid=gpu_id, codec=name))
         except Exception as e:
@@ -580,6 +694,7 @@ def probe_hardware_here(
         encode=encode,
         decode=decode,
         notes=notes,
+        warnings=(load_note,) if load_note else (),
     )
 
 
@@ -970,6 +1085,7 @@ __all__ = [
     "import_pynvvideocodec",
     "nvdec_decode",
     "nvenc_encode",
+    "nvenc_missing_note",
     "nvenc_options",
     "nvenc_preset",
     "nvenc_qp",
