@@ -875,9 +875,11 @@ def test_backend_errors_and_compress_video_fallback(clip):
         hybrid.roundtrip(clip.astype(np.float32), MID["libx264"])
     with pytest.raises(CodecError, match="not supported"):
         NvCodecBackend(rtx_caps(), encode="nvenc", device="cpu").roundtrip(clip[:2], MID["mpeg4"])
+    # the same codec and parameters in software (the codec mix is kept), not the libx264 fallback
     out, rec = compress_video(clip[:4], MID["libx265"], hybrid)
-    assert out.shape == clip[:4].shape and rec["backend"] == "software" and rec["fallback"]
-    assert "cuvidCreateDecoder" in rec["codec_failure"]
+    assert np.array_equal(out, SOFTWARE.roundtrip(clip[:4], MID["libx265"]))
+    assert rec["backend"] == "software" and rec["codec"] == "libx265" and not rec["fallback"]
+    assert rec["codec_failure"] == "libx265: hybrid: RuntimeError: cuvidCreateDecoder failed: CUDA_ERROR_NO_DEVICE"
 
 
 def test_benchmark_script_exits_cleanly_without_gpu(capsys):
