@@ -382,7 +382,7 @@ class Trainer:
         data_wait = step_time = 0.0
         last: dict[str, float] = {}
         pending: list[dict[str, Any]] = []  # log entries whose losses are still device tensors
-        postfix: dict[str, str] = {}
+        postfix: dict[str, str] = {"loss": "-"}  # loss: the mean since the last flush
         batches = iter(self.stream)
 
         def flush(logf) -> None:
@@ -424,10 +424,10 @@ class Trainer:
                         flush(logf)
                         step_time += time.perf_counter() - t3
                     bar.update(1)
+                    postfix["data"] = f"{100 * data_wait / max(step_time, 1e-9):.1f}%"
                     if "val_psnr" in entry:
                         postfix["psnr"] = f"{entry['val_psnr']:.2f}"
-                    bar.set_postfix(loss=postfix.get("loss", "-"), data=f"{100 * data_wait / max(step_time, 1e-9):.1f}%",
-                                    **({"psnr": postfix["psnr"]} if "psnr" in postfix else {}))
+                    bar.set_postfix(postfix)
                     if checkpoint:
                         self.save_checkpoint()
             finally:
