@@ -77,6 +77,7 @@ class TrainConfig:
     gan_weight: float = 0.1
     model_overrides: dict = field(default_factory=dict)  # GRLConfig fields (tests use a tiny GRL)
     checkpoint_every: int = 5000
+    log_every: int = 100                  # losses are read from the device (one sync) every N iterations
     preview_every: int = 1000
     val_every: int = 5000
     val_pairs: int = 8
@@ -90,6 +91,8 @@ class TrainConfig:
             raise ValueError(f"compile must be off, default, reduce-overhead, max-autotune or eager, got {self.compile!r}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
 
     def get(self, name: str) -> Any:
         value = getattr(self, name)
@@ -272,14 +275,17 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------
-    def step(self, lr8: np.ndarray, hr8: np.ndarray, usm8: np.ndarray) -> dict[str, float]:
+    def step(self, lr8: np.ndarray, hr8: np.ndarray, usm8: np.ndarray) -> dict[str, torch.Tensor]:
+        """One training iteration.  Returns the losses as detached 0-d tensors on the
+        device: reading them (``float``) would wait for the GPU, so :meth:`run`
+        reads them all at once every ``log_every`` iterations."""
         cfg = self.cfg
         lr, hr, usm = (to_float(a, self.device) for a in (lr8, hr8, usm8))
         if cfg.lr_crop:
             lr, hr, usm = random_crop(self.flip_gen, cfg.lr_crop, self.scale, lr, hr, usm)
         lr, hr, usm = augment(self.flip_gen, lr, hr, usm)
         autocast = torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
-        losses: dict[str, float] = {}
+        losses: dict[str, torch.Tensor] = {}
         self.generator.train()
         if self.discriminator is not None:
             for p in self.discriminator.parameters():
@@ -288,16 +294,16 @@ class Trainer:
             sr = self.forward_train(lr)
             l1 = F.l1_loss(sr.float(), usm)
             total = cfg.l1_weight * l1
-            losses["l1"] = float(l1.detach())
+            losses["l1"] = l1.detach()
             if self.discriminator is not None:
                 percep = self.perceptual(sr.float(), usm)  # weighted inside (perceptual_weight)
                 g_gan = self.gan_loss(self.discriminator(sr), True)  # weighted inside (gan_weight)
                 total = total + percep + g_gan
-                losses["perceptual"], losses["g_gan"] = float(percep.detach()), float(g_gan.detach())
+                losses["perceptual"], losses["g_gan"] = percep.detach(), g_gan.detach()
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         self.scaler.step(self.opt_g)
-        losses["g_total"] = float(total.detach())
+        losses["g_total"] = total.detach()
         if self.discriminator is not None:
             for p in self.discriminator.parameters():
                 p.requires_grad_(True)
@@ -309,7 +315,7 @@ class Trainer:
             self.scaler.scale(d_total).backward()
             self.scaler.step(self.opt_d)
             self.sched_d.step()
-            losses["d_real"], losses["d_fake"] = float(d_real.detach()), float(d_fake.detach())
+            losses["d_real"], losses["d_fake"] = d_real.detach(), d_fake.detach()
         self.scaler.update()
         self.sched_g.step()
         return losses
@@ -354,7 +360,23 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------
+    @staticmethod
+    def _read_losses(pending: list[dict[str, Any]]) -> list[str]:
+        """Replace the device tensors in ``pending`` log entries by floats, in place, with one
+        transfer (one wait for the device) for all of them; returns the keys replaced."""
+        slots = [(e, k) for e in pending for k, v in e.items() if isinstance(v, torch.Tensor)]
+        if slots:
+            values = torch.stack([e[k].float() for e, k in slots]).tolist()
+            for (e, k), v in zip(slots, values):
+                e[k] = v
+        return list(dict.fromkeys(k for _, k in slots))
+
     def run(self) -> dict[str, float]:
+        """Train to ``iterations``.  ``log.jsonl`` gets one entry per iteration, written every
+        ``log_every`` iterations and at each validation, preview and checkpoint: until then the
+        losses stay on the device, so the host never waits for the GPU step by step.  ``step_s``
+        is the host's time for the step (on CUDA the GPU may still be working on it); the waits
+        at the flushes count in the data-wait fraction's denominator."""
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -366,36 +388,61 @@ class Trainer:
                            + "\n")
         data_wait = step_time = 0.0
         last: dict[str, float] = {}
+        pending: list[dict[str, Any]] = []  # log entries whose losses are still device tensors
+        postfix: dict[str, str] = {"loss": "-"}  # loss: the mean since the last flush
         batches = iter(self.stream)
+
+        def flush(logf) -> None:
+            nonlocal last
+            keys = self._read_losses(pending)
+            for e in pending:
+                logf.write(json.dumps(e) + "\n")
+            logf.flush()
+            last = {k: pending[-1][k] for k in keys}
+            postfix["loss"] = f"{sum(e['g_total'] for e in pending) / len(pending):.4f}"  # the interval's mean
+            pending.clear()
+
         with tqdm(total=total_iters, initial=self.iteration, unit="it", dynamic_ncols=True, disable=None) as bar, \
                 open(self.log_path, "a") as logf:
-            while self.iteration < total_iters:
-                t0 = time.perf_counter()
-                tb = next(batches)
-                t1 = time.perf_counter()
-                last = self.step(tb.lr, tb.hr, tb.hr_usm)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                t2 = time.perf_counter()
-                data_wait += t1 - t0
-                step_time += t2 - t0
-                self.iteration += 1
-                entry = {"iteration": self.iteration, **last, "data_wait_s": t1 - t0, "step_s": t2 - t0,
-                         "lr": self.opt_g.param_groups[0]["lr"]}
-                if self.iteration % cfg.val_every == 0 or self.iteration == total_iters:
-                    entry.update({f"val_{k}": v for k, v in self.validate(val).items()})
-                    if self.iteration % cfg.preview_every == 0 or self.iteration == total_iters:
+            try:
+                while self.iteration < total_iters:
+                    t0 = time.perf_counter()
+                    tb = next(batches)
+                    t1 = time.perf_counter()
+                    losses = self.step(tb.lr, tb.hr, tb.hr_usm)
+                    t2 = time.perf_counter()
+                    data_wait += t1 - t0
+                    step_time += t2 - t0
+                    self.iteration += 1
+                    it = self.iteration
+                    entry = {"iteration": it, **losses, "data_wait_s": t1 - t0, "step_s": t2 - t0,
+                             "lr": self.opt_g.param_groups[0]["lr"]}
+                    pending.append(entry)
+                    checkpoint = it % cfg.checkpoint_every == 0 or it == total_iters
+                    if it % cfg.val_every == 0 or it == total_iters:
+                        entry.update({f"val_{k}": v for k, v in self.validate(val).items()})
+                        if it % cfg.preview_every == 0 or it == total_iters:
+                            entry["preview"] = str(self.write_preview())
+                    elif it % cfg.preview_every == 0:
+                        self.validate(val)
                         entry["preview"] = str(self.write_preview())
-                elif self.iteration % cfg.preview_every == 0:
-                    self.validate(val)
-                    entry["preview"] = str(self.write_preview())
-                logf.write(json.dumps(entry) + "\n")
-                logf.flush()
-                bar.update(1)
-                bar.set_postfix(loss=f"{last['g_total']:.4f}", data=f"{100 * data_wait / max(step_time, 1e-9):.1f}%",
-                                **({"psnr": f"{entry['val_psnr']:.2f}"} if "val_psnr" in entry else {}))
-                if self.iteration % cfg.checkpoint_every == 0 or self.iteration == total_iters:
-                    self.save_checkpoint()
+                    if it % cfg.log_every == 0 or checkpoint or "preview" in entry or "val_psnr" in entry:
+                        t3 = time.perf_counter()
+                        flush(logf)
+                        step_time += time.perf_counter() - t3
+                    bar.update(1)
+                    postfix["data"] = f"{100 * data_wait / max(step_time, 1e-9):.1f}%"
+                    if "val_psnr" in entry:
+                        postfix["psnr"] = f"{entry['val_psnr']:.2f}"
+                    bar.set_postfix(postfix)
+                    if checkpoint:
+                        self.save_checkpoint()
+            finally:
+                if pending:  # stopped between flushes (interrupted): keep the log of what was trained
+                    try:
+                        flush(logf)
+                    except Exception as exc:  # noqa: BLE001 - the device may be what failed
+                        log.warning("could not write the last %d log entries: %s", len(pending), exc)
         summary = {"iterations": self.iteration, "data_wait_fraction": data_wait / max(step_time, 1e-9), **last}
         log.info("done: %s", summary)
         return summary
@@ -442,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-vgg", action="store_true", help=argparse.SUPPRESS)  # tests only
     p.add_argument("--model-config", default="{}", help="JSON of GRL config overrides (tests: a tiny GRL)")
     p.add_argument("--checkpoint-every", type=int, default=5000)
+    p.add_argument("--log-every", type=int, default=100,
+                   help="read the losses from the device and write log.jsonl every N iterations (default 100)")
     p.add_argument("--preview-every", type=int, default=1000)
     p.add_argument("--val-every", type=int, default=5000)
     p.add_argument("--val-pairs", type=int, default=8)
@@ -468,6 +517,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         halve_every=args.halve_every, pool_size=args.pool_size, lr_crop=args.lr_crop, device=args.device,
         amp=args.amp, init=args.init, vgg_weights=vgg, random_vgg=args.random_vgg,
         model_overrides=json.loads(args.model_config), checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
         preview_every=args.preview_every, val_every=args.val_every, val_pairs=args.val_pairs, resume=args.resume,
         compile=args.compile,
     )

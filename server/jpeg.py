@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["JPEG_IMPLS", "jpeg_roundtrip", "jpeg_backend", "to_uint8"]
+__all__ = ["JPEG_IMPLS", "from_uint8", "jpeg_roundtrip", "jpeg_backend", "to_uint8"]
 
 JPEG_IMPLS = ("libjpeg", "diffjpeg")
 
@@ -39,6 +39,40 @@ JPEG_IMPLS = ("libjpeg", "diffjpeg")
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """``round(clamp(x, 0, 1) * 255)`` as uint8 (the codec boundary of the spec)."""
     return x.detach().clamp(0, 1).mul(255).round_().to(torch.uint8)
+
+
+_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _u8_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``v / 255`` for ``v = 0..255``: divided in float64, rounded once to ``dtype``."""
+    key = (dtype, device)
+    table = _TABLES.get(key)
+    if table is None:
+        table = (torch.arange(256, dtype=torch.float64) / 255.0).to(dtype).to(device)
+        _TABLES[key] = table
+    return table
+
+
+def from_uint8(u8: torch.Tensor, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``u8 / 255`` as ``dtype``, the same bits on every device.
+
+    A 256-entry table indexed by the values, not a division: CUDA divides
+    by a Python scalar by multiplying with its reciprocal, which is 1 ulp
+    off the correctly rounded quotient for some values (and the CPU's true
+    division is not), so CUDA and CPU results would differ.  The table
+    holds the correctly rounded quotients (for float32 exactly what the
+    CPU's ``float32 / 255.0`` gives).  ``out``: write into this tensor
+    (contiguous, ``u8``'s shape) instead of a new one.
+    """
+    if u8.dtype != torch.uint8:
+        raise ValueError(f"expected a uint8 tensor, got {u8.dtype}")
+    table = _u8_table(dtype, u8.device)
+    idx = u8.reshape(-1).to(torch.int32)
+    if out is None:
+        return torch.index_select(table, 0, idx).reshape(u8.shape)
+    torch.index_select(table, 0, idx, out=out.view(-1))
+    return out
 
 
 def _qualities(quality, n: int) -> list[float]:
@@ -68,7 +102,8 @@ def jpeg_roundtrip(x: torch.Tensor, quality, impl: str = "libjpeg") -> torch.Ten
 
     ``quality``: ``(B,)`` tensor/list or a scalar, in [0, 100].  ``libjpeg``:
     real libjpeg-turbo round trip of ``round(clamp(x)*255)`` at quality
-    ``floor(q + 0.5)`` (minimum 1), returns ``decoded / 255``.  ``diffjpeg``:
+    ``floor(q + 0.5)`` (minimum 1), returns ``decoded / 255``
+    (:func:`from_uint8`: the same bits on CPU and CUDA).  ``diffjpeg``:
     kornia's DiffJPEG of ``clamp(x, 0, 1)`` at float quality, clamped to
     [0, 1].  Deterministic.
     """
@@ -132,9 +167,9 @@ def _libjpeg(x: torch.Tensor, qs: list[float]) -> torch.Tensor:
     if on_cpu:
         out = torch.empty(x.shape, dtype=dtype)
         for i, d in enumerate(decoded):
-            out[i].copy_(d).div_(255.0)
+            from_uint8(d, dtype, out=out[i])
         return out
-    return torch.stack(decoded).to(device=x.device).to(dtype).div_(255.0)
+    return from_uint8(torch.stack(decoded).to(device=x.device), dtype)  # exact: the CPU path's bits
 
 
 def _diffjpeg(x: torch.Tensor, qs: list[float]) -> torch.Tensor:

@@ -169,7 +169,8 @@ def create_server(config: ServerConfig) -> tuple[DegradeServer, int]:
 
         backend, plan = build_backend(override=config.codec_backend, device=device)
         log.info("codec backends:\n%s", plan.explain())
-        backend_names = sorted(plan.backends_used)
+        # names, then what the probe warns about (e.g. "nvenc unavailable: ...; NVDEC via direct module load")
+        backend_names = sorted(plan.backends_used) + list(plan.hardware_warnings)
     producer = make_producer(folder, cfg, pipeline=config.pipeline, workers=config.workers, device=device,
                              backend=backend)
     service = DegradeService(producer, dataset_name=Path(root).name, max_streams=config.max_streams,

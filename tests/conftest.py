@@ -1,7 +1,9 @@
 """Shared fixtures: real photographs (from scikit-image) and a small, fast config.
 
 GPU tests are marked ``gpu`` and skip cleanly without CUDA; ``--device cuda``
-runs the device-parametrised tests on the GPU too (kornia style).
+runs the device-parametrised tests on the GPU too (kornia style); those are
+marked ``on_device`` here, so ``-m "gpu or on_device" --device cuda`` runs
+every CUDA test and nothing else.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ def pytest_addoption(parser):
     parser.addoption("--device", action="store", default="cpu", help="torch device for device tests: cpu or cuda")
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(config, items):
+    # every test that runs on --device is marked, so `-m "gpu or on_device" --device cuda` selects
+    # all CUDA tests (benchmarks/gpu_check.sh)
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.on_device)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -178,14 +178,13 @@ def test_bad_frames_are_a_caller_error() -> None:
 # --- retry / fallback ----------------------------------------------------------
 
 
-class FlakyBackend(CodecBackend):
+class FlakyBackend(SoftwareBackend):
     """The real software backend, made to fail ``failures`` times for one codec."""
 
     name = "flaky"
 
     def __init__(self, codec: str, failures: int) -> None:
         self.codec, self.failures, self.calls = codec, failures, []
-        self.inner = SoftwareBackend()
 
     def supports(self, codec: str) -> bool:
         return True
@@ -195,7 +194,60 @@ class FlakyBackend(CodecBackend):
         if params.codec == self.codec and self.failures > 0:
             self.failures -= 1
             raise CodecError(f"{params.codec}: injected failure")
-        return self.inner.roundtrip(frames, params)
+        return super().roundtrip(frames, params)
+
+
+class BrokenHardware(CodecBackend):
+    """A hardware backend whose every round trip fails, as NVDEC / NVENC do
+    when the driver or the session is broken."""
+
+    name = "nvenc"
+
+    def __init__(self, error: str = "nvenc: RuntimeError: NV_ENC_ERR_OUT_OF_MEMORY") -> None:
+        self.error, self.calls = error, []
+
+    def supports(self, codec: str) -> bool:
+        return codec in ("libx264", "libx265")
+
+    def roundtrip(self, frames: np.ndarray, params: VideoParams) -> np.ndarray:
+        self.calls.append(params.codec)
+        raise CodecError(f"{params.codec}: {self.error}")
+
+
+def test_hardware_failure_runs_the_same_codec_in_software(clip: np.ndarray) -> None:
+    hw = BrokenHardware()
+    for codec in ("libx264", "libx265"):
+        out, rec = compress_video(clip[:6], MID[codec], hw)
+        assert hw.calls[-2:] == [codec, codec]  # tried, retried once
+        # the codec mix is kept: the same codec and parameters, run by the software backend
+        assert np.array_equal(out, BACKEND.roundtrip(clip[:6], MID[codec]))
+        p = MID[codec]
+        assert rec == {"backend": "software", "codec": codec, "crf": p.crf, "bitrate_kbps": p.bitrate_kbps,
+                       "preset": p.preset, "codec_failure": f"{codec}: nvenc: RuntimeError: NV_ENC_ERR_OUT_OF_MEMORY",
+                       "fallback": False}
+
+
+def test_hardware_then_software_failure_falls_back(clip: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    software = FlakyBackend("libx265", 99)  # the software backend cannot do this draw either
+    monkeypatch.setattr(roundtrip_module, "_SOFTWARE", software)
+    out, rec = compress_video(clip[:4], MID["libx265"], BrokenHardware())
+    assert software.calls == ["libx265", "libx265", "libx264"]  # same codec twice, then the fallback
+    assert rec["backend"] == "flaky" and rec["codec"] == "libx264" and rec["fallback"] is True
+    assert rec["codec_failure"] == ("libx265: nvenc: RuntimeError: NV_ENC_ERR_OUT_OF_MEMORY; "
+                                    "software libx265: injected failure")
+    assert np.array_equal(out, BACKEND.roundtrip(clip[:4], VideoParams("libx264", 24, crf=26, preset="medium")))
+
+
+def test_software_backend_failure_goes_straight_to_the_fallback(clip: np.ndarray) -> None:
+    """A backend that already is software is not run a third and fourth time."""
+    from server.codecs.selection import PlanBackend, select_backends
+    from server.codecs.nvcodec import HardwareCaps
+
+    plan = select_backends(HardwareCaps.none("no GPU"))
+    flaky = FlakyBackend("mpeg4", 99)
+    flaky.name = "software"  # what the plan's software backend records
+    out, rec = compress_video(clip[:4], MID["mpeg4"], PlanBackend(plan, {"software": flaky}))
+    assert flaky.calls == ["mpeg4", "mpeg4"] and rec["fallback"] is True and rec["codec"] == "libx264"
 
 
 def test_fallback_after_two_failures(clip: np.ndarray) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks.stages import photo_patches
-from server.jpeg import jpeg_backend, jpeg_roundtrip, to_uint8
+from server.jpeg import from_uint8, jpeg_backend, jpeg_roundtrip, to_uint8
 
 
 def psnr(a, b):
@@ -78,6 +78,29 @@ def test_libjpeg_is_420_and_rounds_input():
         jpeg_roundtrip(wild, [75]), jpeg_roundtrip(wild.clamp(0, 1), [75]), rtol=0, atol=0
     )
     assert to_uint8(torch.tensor([-0.2, 0.0, 0.5 / 255, 1.5 / 255, 1.0, 2.0])).tolist() == [0, 0, 0, 2, 255, 255]
+
+
+def test_from_uint8_is_the_correctly_rounded_quotient():
+    values = torch.arange(256, dtype=torch.uint8)
+    exact = (torch.arange(256, dtype=torch.float64) / 255).to(torch.float32)
+    assert torch.equal(from_uint8(values), exact)
+    # the CPU's float32 true division gives the same bits: CPU results are unchanged by the table
+    assert torch.equal(values.float() / 255.0, exact)
+    assert torch.equal(from_uint8(values, torch.float64), torch.arange(256, dtype=torch.float64) / 255)
+    img = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = torch.empty(2, 3, 5, 7)
+    assert from_uint8(img, out=out) is out and torch.equal(out, exact[img.long()])
+    assert torch.equal(from_uint8(img.permute(0, 2, 3, 1)), exact[img.permute(0, 2, 3, 1).long()])
+    with pytest.raises(ValueError, match="uint8"):
+        from_uint8(img.float())
+
+
+def test_from_uint8_same_bits_on_the_device(device):
+    """Run with ``--device cuda``: CUDA's division by 255.0 is a multiplication
+    by the reciprocal (1 ulp off for some values); the table is not."""
+    values = torch.arange(256, dtype=torch.uint8)
+    got = from_uint8(values.to(device))
+    assert got.device.type == device.type and torch.equal(got.cpu(), from_uint8(values))
 
 
 def test_pillow_fallback_matches_torchvision(crops, monkeypatch):

@@ -12,6 +12,7 @@ skip cleanly elsewhere (and where the package is missing).
 
 from __future__ import annotations
 
+import json
 import sys
 from fractions import Fraction
 from types import SimpleNamespace
@@ -218,10 +219,10 @@ def test_import_failure_becomes_a_reason(monkeypatch):
     monkeypatch.setattr(nvcodec, "_cuda_status", lambda: (True, "", "Fake GPU"))
     monkeypatch.setattr(nvcodec, "pynvvideocodec_installed", lambda: True)
     monkeypatch.setitem(sys.modules, "PyNvVideoCodec", None)  # import raises ImportError
-    caps = nvcodec.probe_hardware(gpu_id=0)
+    caps = nvcodec.probe_hardware(gpu_id=0, isolate=False)  # the patches live in this process
     assert not caps.available and "PyNvVideoCodec failed to load" in caps.reason
     monkeypatch.setattr(nvcodec, "pynvvideocodec_installed", lambda: False)
-    caps = nvcodec.probe_hardware(gpu_id=0)
+    caps = nvcodec.probe_hardware(gpu_id=0, isolate=False)
     assert not caps.available and "not installed" in caps.reason
 
 
@@ -243,6 +244,202 @@ def test_probe_nvenc_gpu_and_trial_encoder():
     broken = nvcodec.probe_hardware(nvc=FakeNvc(nvenc=True, fail_create=True))
     assert not broken.encode and "encoder creation failed" in broken.notes["encode:libx265"]
     assert broken.available  # NVDEC still usable
+
+
+#: The real text of ``import PyNvVideoCodec`` (2.2.4) where the driver's NVENC
+#: library is missing (captured from the wheel on a machine without it).
+NVENC_LIB_MISSING = (
+    "Failed to load NVENC library: libnvidia-encode.so.1: cannot open shared object file: No such file or "
+    "directory\n\n=== TROUBLESHOOTING STEPS ===\n\nThe NVENC library could not be found. This usually means:\n"
+    "\n1. **Running in Docker?**\n   - Ensure your container was launched with: "
+    "NVIDIA_DRIVER_CAPABILITIES=compute,utility,video"
+)
+
+
+class MultiLineNvc(FakeNvc):
+    """Encoder creation fails with a headline first and the cause on later lines."""
+
+    def CreateEncoder(self, w, h, fmt, cpu, **opts):  # noqa: N802
+        raise RuntimeError("PyNvEncoder: encoder creation failed\n\n  cause:\tNV_ENC_ERR_UNSUPPORTED_DEVICE\n"
+                           "  at NvEncoder.cpp:212\n")
+
+
+def test_probe_notes_keep_the_whole_multi_line_cause():
+    caps = nvcodec.probe_hardware(nvc=MultiLineNvc(nvenc=True), device_name="RTX")
+    note = caps.notes["encode:libx264"]
+    assert note == ("no NVENC (encoder creation failed: RuntimeError: PyNvEncoder: encoder creation failed "
+                    "cause: NV_ENC_ERR_UNSUPPORTED_DEVICE at NvEncoder.cpp:212)")
+
+
+def test_error_text_folds_whitespace_and_bounds_length():
+    assert nvcodec.error_text(RuntimeError("a\n\n  b\tc  ")) == "RuntimeError: a b c"
+    assert nvcodec.error_text(ValueError()) == "ValueError"
+    text = nvcodec.error_text(RuntimeError(NVENC_LIB_MISSING * 20), limit=200)
+    assert len(text) == 200 and "\n" not in text
+    assert text.startswith("RuntimeError: Failed to load NVENC library: libnvidia-encode.so.1: cannot open")
+    full = "RuntimeError: " + " ".join((NVENC_LIB_MISSING * 20).split())
+    head, tail = text.rsplit(" ... [", 1)
+    assert full.startswith(head) and tail == f"{len(full) - len(head)} more chars]"  # the cut is counted
+
+
+def _raise_on_import(monkeypatch, error: BaseException) -> None:
+    """``import PyNvVideoCodec`` raises ``error`` (the package counts as installed)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kw):
+        if name == "PyNvVideoCodec":
+            raise error
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(nvcodec, "_direct", None)
+    monkeypatch.setattr(nvcodec, "pynvvideocodec_installed", lambda: True)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+def test_import_error_keeps_the_cause(monkeypatch):
+    _raise_on_import(monkeypatch, RuntimeError("Driver version is too old\n\n  NVENC API 11.1 found, 12.1 needed"))
+    monkeypatch.setattr(nvcodec, "_load_direct", lambda: pytest.fail("not an NVENC-library error: no direct load"))
+    with pytest.raises(RuntimeError) as err:
+        nvcodec.import_pynvvideocodec()
+    assert str(err.value) == ("PyNvVideoCodec failed to load: RuntimeError: Driver version is too old "
+                              "NVENC API 11.1 found, 12.1 needed")
+
+
+def test_missing_nvenc_library_and_failing_direct_load_names_both(monkeypatch):
+    _raise_on_import(monkeypatch, RuntimeError(NVENC_LIB_MISSING))
+    monkeypatch.setattr(nvcodec, "_package_dir", lambda: None)
+    with pytest.raises(RuntimeError) as err:
+        nvcodec.import_pynvvideocodec()
+    msg = str(err.value)
+    assert "\n" not in msg and "libnvidia-encode.so.1: cannot open shared object file" in msg
+    assert "TROUBLESHOOTING STEPS" in msg and "NVIDIA_DRIVER_CAPABILITIES" in msg
+    assert msg.endswith("loading its native module directly failed too: ImportError: PyNvVideoCodec's package "
+                        "folder not found")
+
+
+@pytest.fixture()
+def wheel_without_nvenc_library(tmp_path, monkeypatch):
+    """An installed PyNvVideoCodec laid out like the 2.2.4 wheel, whose ``__init__``
+    raises what the real one raises without ``libnvidia-encode.so.1``.  Only the
+    loading of the native extension itself is stood in for (a FakeNvc): the
+    import, the package lookup, the file choice and the metadata are real."""
+    import importlib.machinery
+
+    pkg = tmp_path / "PyNvVideoCodec"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(f"raise RuntimeError({NVENC_LIB_MISSING!r})\n")
+    ext = importlib.machinery.EXTENSION_SUFFIXES[0]
+    for name in ("PyNvVideoCodec_121", "PyNvVideoCodec_130", "VersionCheck"):
+        (pkg / f"{name}{ext}").write_bytes(b"")
+    meta = tmp_path / "pynvvideocodec-2.2.4.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: PyNvVideoCodec\nVersion: 2.2.4\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "PyNvVideoCodec", raising=False)
+    monkeypatch.setattr(nvcodec, "_direct", None)
+    loaded: list[str] = []
+
+    def exec_native(path):
+        loaded.append(path)
+        return FakeNvc(nvenc=True)  # it could encode: the probe must not even ask
+
+    monkeypatch.setattr(nvcodec, "_exec_native_module", exec_native)
+    return pkg / f"PyNvVideoCodec_130{ext}", loaded
+
+
+def test_missing_nvenc_library_loads_the_native_module_directly(wheel_without_nvenc_library, monkeypatch, caplog):
+    native, loaded = wheel_without_nvenc_library
+    with pytest.raises(RuntimeError, match="libnvidia-encode.so.1"):
+        import PyNvVideoCodec  # noqa: F401  - the package itself really fails
+    with caplog.at_level("WARNING", logger=nvcodec.log.name):
+        nvc = nvcodec.import_pynvvideocodec()
+    note = f"nvenc unavailable: libnvidia-encode.so.1 missing; NVDEC via direct module load ({native.name})"
+    assert loaded == [str(native)] and nvc.__load_note__ == note and nvc.__version__ == "2.2.4"
+    assert callable(nvc.GetDecoderCaps) and nvc.cudaVideoCodec.HEVC == "HEVC"  # the native module's names
+    assert any(note in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert nvcodec.import_pynvvideocodec() is nvc and len(loaded) == 1  # once per process
+
+    monkeypatch.setattr(nvcodec, "_cuda_status", lambda: (True, "", "NVIDIA H200"))
+    caps = nvcodec.probe_hardware(gpu_id=0, isolate=False)
+    assert caps.available and set(caps.decode) == set(ALL) and not caps.encode
+    assert caps.notes["encode:libx264"] == note and caps.warnings == (note,)
+    assert caps.library == "PyNvVideoCodec 2.2.4" and f"(warning: {note})" in caps.summary()
+    assert HardwareCaps.from_dict(caps.to_dict()) == caps  # it survives the probe subprocess
+    plan = selection.select_backends(caps)
+    assert plan.hardware_warnings == (note,) and f"warning: {note}" in plan.explain()
+    assert "libnvidia-encode.so.1 missing" in plan.choices["libx264"].reason  # why no nvenc
+
+
+def test_getinfo_lists_the_probe_warning(monkeypatch, make_server):
+    note = nvcodec.nvenc_missing_note("/x/PyNvVideoCodec_130.cpython-312-x86_64-linux-gnu.so")
+    caps = HardwareCaps(True, "NVENC: none; NVDEC: all", device="NVIDIA H200", decode=h100_caps().decode,
+                        notes={"encode:libx264": note, "encode:libx265": note}, warnings=(note,))
+    monkeypatch.setattr(nvcodec, "probe_hardware", lambda *a, **k: caps)
+    _, address = make_server(codec_backend="auto,libx264=hybrid")
+    from client import DegradeClient
+
+    with DegradeClient(address) as client:
+        backends = list(client.info().codec_backends)
+    assert "hybrid" in backends and "software" in backends and note in backends
+
+
+# --- the probe in a subprocess -----------------------------------------------------------
+
+
+@pytest.fixture()
+def cuda_seen(monkeypatch):
+    """The parent believes a GPU is there, so the probe subprocess is started."""
+    monkeypatch.setattr(nvcodec, "_cuda_visible", lambda: (True, ""))
+
+
+@pytest.mark.parametrize("fault, expected", [
+    ("exits_hard", "died before answering (exit code 3)"),
+    ("segfaults", "died before answering (killed by signal SIGSEGV)"),
+    ("raises", "failed: RuntimeError: cuCtxCreate failed CUDA_ERROR_NO_DEVICE: no CUDA-capable device"),
+    ("calls_sys_exit", "failed: SystemExit: 2"),
+    ("answers_nonsense", "unusable answer: KeyError: 'reason'"),
+])
+def test_probe_subprocess_failure_is_a_clear_unavailable(cuda_seen, fault, expected):
+    import nvcodec_probe_faults as faults
+
+    caps = nvcodec.probe_hardware(target=getattr(faults, fault), timeout=120)
+    assert not caps.available and not caps.encode and not caps.decode
+    assert caps.reason.startswith("hardware probe subprocess ") and expected in caps.reason, caps.reason
+    assert "no hardware codecs: hardware probe subprocess" in caps.summary()
+
+
+def test_probe_subprocess_that_hangs_is_killed(cuda_seen):
+    import nvcodec_probe_faults as faults
+
+    caps = nvcodec.probe_hardware(target=faults.hangs, timeout=2)
+    assert not caps.available
+    assert caps.reason == "hardware probe subprocess did not answer within 2 s (killed)"
+
+
+def test_probe_subprocess_answer_becomes_caps(cuda_seen):
+    import nvcodec_probe_faults as faults
+
+    caps = nvcodec.probe_hardware(gpu_id=1, trial_encode=False, target=faults.answers_h100)
+    assert caps.available and caps.device == "NVIDIA H100" and caps.gpu_id == 1
+    assert caps.decode["libx264"] == CodecLimits(48, 16, 4096, 4096, engines=7) and not caps.encode
+    assert caps.notes["encode:libx264"] == "no NVENC (trial_encode=False)"  # the arguments reach the child
+
+
+def test_probe_subprocess_runs_the_real_probe(cuda_seen):
+    """The default body, really spawned: on this CPU machine the child finds no GPU and says so."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the child would really probe it")
+    caps = nvcodec.probe_hardware(timeout=120)
+    assert not caps.available and "torch.cuda.is_available() is False" in caps.reason
+
+
+def test_hardware_caps_dict_round_trip():
+    for caps in (h100_caps(), rtx_caps(), no_gpu_caps()):
+        data = caps.to_dict()
+        assert json.loads(json.dumps(data)) == data  # plain data only
+        assert HardwareCaps.from_dict(data) == caps
 
 
 # --- selection ----------------------------------------------------------------------
@@ -678,9 +875,11 @@ def test_backend_errors_and_compress_video_fallback(clip):
         hybrid.roundtrip(clip.astype(np.float32), MID["libx264"])
     with pytest.raises(CodecError, match="not supported"):
         NvCodecBackend(rtx_caps(), encode="nvenc", device="cpu").roundtrip(clip[:2], MID["mpeg4"])
+    # the same codec and parameters in software (the codec mix is kept), not the libx264 fallback
     out, rec = compress_video(clip[:4], MID["libx265"], hybrid)
-    assert out.shape == clip[:4].shape and rec["backend"] == "software" and rec["fallback"]
-    assert "cuvidCreateDecoder" in rec["codec_failure"]
+    assert np.array_equal(out, SOFTWARE.roundtrip(clip[:4], MID["libx265"]))
+    assert rec["backend"] == "software" and rec["codec"] == "libx265" and not rec["fallback"]
+    assert rec["codec_failure"] == "libx265: hybrid: RuntimeError: cuvidCreateDecoder failed: CUDA_ERROR_NO_DEVICE"
 
 
 def test_benchmark_script_exits_cleanly_without_gpu(capsys):

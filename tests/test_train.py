@@ -160,3 +160,45 @@ def test_compiled_generator_trains_and_checkpoints_plain_keys(tmp_path, photo_di
     assert not any(k.startswith("_orig_mod.") for k in ckpt["generator"])  # loads into a plain GRL
     steps = [e for e in _log(cfg.out / "log.jsonl") if "l1" in e]
     assert len(steps) == 2 and all(np.isfinite(e["l1"]) for e in steps)
+
+
+def _without_timings(log):
+    return [{k: v for k, v in e.items() if k not in ("data_wait_s", "step_s", "preview")} for e in log]
+
+
+def test_losses_read_every_few_steps_are_the_per_step_losses(tmp_path, photo_dir, service_cfg_file, cached_source):
+    """Losses stay on the device between log flushes; the log is the one of a run that reads them every step."""
+    logs = {}
+    for every in (1, 4):
+        cfg = _cfg(tmp_path / f"every{every}", photo_dir, service_cfg_file, stage="gan", random_vgg=True,
+                   iterations=6, log_every=every, checkpoint_every=100, val_every=100, preview_every=100)
+        Trainer(cfg, source=cached_source).run()  # log_every 4: flushed at 4 and at the end (6)
+        logs[every] = _without_timings(_log(cfg.out / "log.jsonl"))
+    assert [e["iteration"] for e in logs[4]] == [0, 1, 2, 3, 4, 5, 6]
+    assert logs[4] == logs[1]
+    assert all(isinstance(e[k], float) for e in logs[4][1:] for k in ("l1", "perceptual", "g_gan", "g_total",
+                                                                       "d_real", "d_fake"))
+
+
+def test_step_returns_device_tensors_and_an_interrupt_keeps_the_log(tmp_path, photo_dir, service_cfg_file,
+                                                                   cached_source):
+    cfg = _cfg(tmp_path, photo_dir, service_cfg_file, iterations=6, log_every=100)
+    trainer = Trainer(cfg, source=cached_source)
+    step, calls = trainer.step, []
+
+    def step_then_interrupt(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        losses = step(*args)
+        assert {"l1", "g_total"} <= set(losses)
+        assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in losses.values())
+        return losses
+
+    trainer.step = step_then_interrupt
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    steps = [e for e in _log(cfg.out / "log.jsonl") if "l1" in e]
+    assert [e["iteration"] for e in steps] == [1, 2]  # not yet due at 100: written on the way out
+    with pytest.raises(ValueError, match="log_every"):
+        _cfg(tmp_path, photo_dir, service_cfg_file, log_every=0)

@@ -5,7 +5,9 @@ datacenter GPU (A100 / H100 / H200: NVDEC but no NVENC) can run.
 
 Importing this module needs neither the package nor a driver: PyNvVideoCodec
 is imported inside functions, and :func:`probe_hardware` reports "nothing
-available" with the reason instead of raising.
+available" with the reason instead of raising.  The probe runs in a spawned
+subprocess, so a CUDA context the driver leaks on a GPU without NVENC, or an
+``exit()`` inside PyNvVideoCodec, cannot reach the server process.
 
 Two backends, one class (:class:`NvCodecBackend`):
 
@@ -63,7 +65,12 @@ for the option names; exercised by the ``gpu`` tests of
   ``supported``, ``width_min``, ``height_min``, ``width_max``,
   ``height_max``, ``num_decoder_engines``.
 * Importing ``PyNvVideoCodec`` raises ``RuntimeError`` (not ImportError)
-  when the driver's NVENC library is missing.
+  when the driver's NVENC library is missing (its ``__init__`` asks that
+  library for the NVENC API version, then loads
+  ``PyNvVideoCodec_130`` or ``_121`` + the extension suffix as
+  ``_PyNvVideoCodec`` and copies its names); decoding does not need the
+  library, so :func:`import_pynvvideocodec` then loads the native module
+  itself and reports it.
 
 Mapping of the spec's x264/x265 parameters to NVENC (``nvenc_options``):
 
@@ -101,7 +108,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass, field
+import multiprocessing as mp
+import os
+import signal
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -209,7 +219,9 @@ class HardwareCaps:
     :class:`VideoParams`) to the sizes NVENC / NVDEC accept; a codec that is
     absent cannot be used there, and ``notes`` says why (``"encode:libx264"``,
     ``"decode:mpeg4"``).  ``reason`` is one line for the log: why nothing is
-    available, or what is.
+    available, or what is.  ``warnings``: what works only in part and must
+    not go unnoticed (e.g. :func:`nvenc_missing_note`); logged, in
+    :meth:`summary` and in GetInfo's ``codec_backends``.
     """
 
     available: bool
@@ -220,10 +232,42 @@ class HardwareCaps:
     encode: Mapping[str, CodecLimits] = field(default_factory=dict)
     decode: Mapping[str, CodecLimits] = field(default_factory=dict)
     notes: Mapping[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
 
     @classmethod
     def none(cls, reason: str) -> "HardwareCaps":
         return cls(available=False, reason=reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (str / int / bool / dict), what the probe subprocess sends back."""
+        return {
+            "available": bool(self.available),
+            "reason": str(self.reason),
+            "device": self.device,
+            "library": self.library,
+            "gpu_id": int(self.gpu_id),
+            "encode": {k: asdict(v) for k, v in self.encode.items()},
+            "decode": {k: asdict(v) for k, v in self.decode.items()},
+            "notes": dict(self.notes),
+            "warnings": list(self.warnings),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "HardwareCaps":
+        """Inverse of :meth:`to_dict`; ``TypeError`` / ``KeyError`` / ``ValueError`` on a malformed dict."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"expected a dict, got {type(data).__name__}")
+        return cls(
+            available=bool(data["available"]),
+            reason=str(data["reason"]),
+            device=data.get("device"),
+            library=data.get("library"),
+            gpu_id=int(data.get("gpu_id", 0)),
+            encode={str(k): CodecLimits(**v) for k, v in dict(data.get("encode", {})).items()},
+            decode={str(k): CodecLimits(**v) for k, v in dict(data.get("decode", {})).items()},
+            notes={str(k): str(v) for k, v in dict(data.get("notes", {})).items()},
+            warnings=tuple(str(w) for w in data.get("warnings", ())),
+        )
 
     def can_encode(self, codec: str) -> bool:
         return codec in self.encode
@@ -237,27 +281,120 @@ class HardwareCaps:
         enc = ", ".join(self.encode) or "none"
         dec = ", ".join(self.decode) or "none"
         where = f"{self.device or 'GPU'}" + (f", {self.library}" if self.library else "")
-        return f"{where}: NVENC {enc}; NVDEC {dec}"
+        warn = "".join(f" (warning: {w})" for w in self.warnings)
+        return f"{where}: NVENC {enc}; NVDEC {dec}{warn}"
 
 
 def pynvvideocodec_installed() -> bool:
     return importlib.util.find_spec("PyNvVideoCodec") is not None
 
 
+#: The driver library whose absence makes ``import PyNvVideoCodec`` fail,
+#: decoding included: the package's ``__init__`` asks it for the NVENC API
+#: version before it loads its native module.
+NVENC_LIBRARY = "libnvidia-encode.so.1"
+#: The package's native modules (``PyNvVideoCodec/PyNvVideoCodec<suffix>`` +
+#: the interpreter's extension suffix, module name ``_PyNvVideoCodec``), the
+#: NVENC 13.0 / CUDA 13 build first: that is what ``__init__`` picks on a
+#: driver recent enough for CUDA 13.
+NATIVE_MODULES = ("_130", "_121")
+NATIVE_MODULE_NAME = "_PyNvVideoCodec"
+
+_direct: Any = None  # the directly loaded module, once per process
+
+
+def nvenc_missing_note(module_file: str) -> str:
+    """What a direct load means, for logs, the probe result and GetInfo."""
+    return (f"nvenc unavailable: {NVENC_LIBRARY} missing; NVDEC via direct module load "
+            f"({os.path.basename(module_file)})")
+
+
+def _package_dir() -> str | None:
+    """PyNvVideoCodec's folder, found without running its ``__init__``."""
+    spec = importlib.util.find_spec("PyNvVideoCodec")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return list(spec.submodule_search_locations)[0]
+
+
+def _native_module_file(package_dir: str) -> str:
+    import importlib.machinery
+
+    tried = []
+    for suffix in NATIVE_MODULES:
+        for ext in importlib.machinery.EXTENSION_SUFFIXES:
+            path = os.path.join(package_dir, f"PyNvVideoCodec{suffix}{ext}")
+            if os.path.exists(path):
+                return path
+            tried.append(os.path.basename(path))
+    raise ImportError(f"no native module in {package_dir} (looked for {', '.join(tried)})")
+
+
+def _exec_native_module(path: str) -> Any:
+    """Load the extension module at ``path`` as ``_PyNvVideoCodec`` (its init
+    function's name), the way PyNvVideoCodec's ``__init__`` does."""
+    spec = importlib.util.spec_from_file_location(NATIVE_MODULE_NAME, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot make a module spec for {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _load_direct() -> Any:
+    """PyNvVideoCodec's native module without the package's ``__init__``: a
+    module with its public names, ``__version__`` (from the installed
+    distribution) and ``__load_note__`` (:func:`nvenc_missing_note`).  NVDEC
+    works through it; NVENC cannot, its library being missing."""
+    import types
+    from importlib import metadata
+
+    package_dir = _package_dir()
+    if package_dir is None:
+        raise ImportError("PyNvVideoCodec's package folder not found")
+    path = _native_module_file(package_dir)
+    native = _exec_native_module(path)
+    module = types.ModuleType("PyNvVideoCodec", f"PyNvVideoCodec's native module {path}, loaded directly")
+    for name in dir(native):
+        if not name.startswith("_"):
+            setattr(module, name, getattr(native, name))
+    try:
+        module.__version__ = metadata.version("PyNvVideoCodec")
+    except metadata.PackageNotFoundError:
+        module.__version__ = "?"
+    module.__file__ = path
+    module.__load_note__ = nvenc_missing_note(path)
+    return module
+
+
 def import_pynvvideocodec():
     """The PyNvVideoCodec module, or raise ``RuntimeError`` with the reason.
 
-    The package raises ``RuntimeError`` itself (and logs at ERROR level)
-    when the driver's NVENC library is missing; both that and a missing
-    package come out as ``RuntimeError`` here.
+    The package raises ``RuntimeError`` itself when the driver's NVENC
+    library (:data:`NVENC_LIBRARY`) is missing - even though decoding does
+    not need it.  Then its native module is loaded directly
+    (:func:`_load_direct`), so NVDEC still works, and a warning says so; the
+    module's ``__load_note__`` carries the note into the probe result.
+    Every other failure (and a failing direct load) is ``RuntimeError``.
     """
+    global _direct
+    if _direct is not None:
+        return _direct
     if not pynvvideocodec_installed():
         raise RuntimeError("PyNvVideoCodec is not installed (pip install PyNvVideoCodec)")
     try:
         import PyNvVideoCodec as nvc  # noqa: N813
     except Exception as e:  # ImportError, RuntimeError from its driver check, OSError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeError(f"PyNvVideoCodec failed to load: {first}") from e
+        if NVENC_LIBRARY not in str(e):
+            raise RuntimeError(f"PyNvVideoCodec failed to load: {error_text(e)}") from e
+        try:
+            direct = _load_direct()
+        except Exception as e2:
+            raise RuntimeError(f"PyNvVideoCodec failed to load: {error_text(e)}; loading its native module "
+                               f"directly failed too: {error_text(e2)}") from e2
+        log.warning("PyNvVideoCodec: %s", direct.__load_note__)
+        _direct = direct
+        return direct
     return nvc
 
 
@@ -275,9 +412,30 @@ def _cuda_status() -> tuple[bool, str, str | None]:
         return False, f"CUDA unusable: {e}", None
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+#: Longest error text kept in a note, a reason or a ``CodecError`` (characters).
+ERROR_TEXT_LIMIT = 400
+
+
+def fold_text(text: str, limit: int = ERROR_TEXT_LIMIT) -> str:
+    """``text`` on one line (every run of whitespace, newlines included, made
+    one space), at most ``limit`` characters; a longer text is cut with
+    ``" ... [N more chars]"`` so the cut is visible."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    tail = " ... [{} more chars]"
+    keep = max(0, limit - len(tail.format(len(text))))
+    return text[:keep] + tail.format(len(text) - keep)
+
+
+def error_text(e: BaseException, limit: int = ERROR_TEXT_LIMIT) -> str:
+    """``"<Type>: <whole message>"``, whitespace-folded and bounded.
+
+    PyNvVideoCodec's exception texts can run over several lines and the
+    first one need not be the cause, so all of it is kept.
+    """
+    text = " ".join(str(e).split())
+    return fold_text(f"{type(e).__name__}: {text}" if text else type(e).__name__, limit)
 
 
 def _limits(caps: Mapping[str, Any], default_min: tuple[int, int], engines_key: str) -> CodecLimits:
@@ -298,20 +456,171 @@ def _limits(caps: Mapping[str, Any], default_min: tuple[int, int], engines_key: 
     )
 
 
+#: Seconds the probe subprocess may take: start-up, importing torch and
+#: PyNvVideoCodec, CUDA initialisation, the caps queries and trial encoders.
+PROBE_TIMEOUT_S = 120.0
+
+
 def probe_hardware(
     gpu_id: int | None = None,
     trial_encode: bool = True,
     nvc: Any = None,
     device_name: str | None = None,
+    *,
+    isolate: bool = True,
+    timeout: float = PROBE_TIMEOUT_S,
+    target: Callable[[int | None, bool], Mapping[str, Any]] | None = None,
 ) -> HardwareCaps:
-    """Probe NVENC / NVDEC once; never raises.
+    """Probe NVENC / NVDEC once; never raises, never takes the process down.
+
+    The probe runs in a spawned subprocess (``isolate``, the default) that
+    sends back :meth:`HardwareCaps.to_dict`: on a GPU without NVENC,
+    ``GetEncoderCaps`` and the trial ``CreateEncoder`` create a CUDA context
+    and throw before destroying it, and PyNvVideoCodec calls ``exit()`` on
+    some CUDA driver errors; in a subprocess the leaked context goes away
+    with it, and a subprocess that dies, raises, hangs past ``timeout``
+    seconds or answers nonsense becomes "unavailable" with the reason.
+    Without a CUDA GPU visible to torch no subprocess is started.
+
+    ``isolate=False`` probes in this process (:func:`probe_hardware_here`),
+    as does an injected ``nvc`` (a fake PyNvVideoCodec module, tests).
+    ``target`` replaces the function the subprocess runs (a picklable,
+    module-level ``f(gpu_id, trial_encode) -> dict``; tests).
+    """
+    if nvc is not None or not isolate:
+        return probe_hardware_here(gpu_id, trial_encode, nvc=nvc, device_name=device_name)
+    ok, why = _cuda_visible()
+    if not ok:
+        extra = "" if pynvvideocodec_installed() else "; PyNvVideoCodec not installed"
+        return HardwareCaps.none(why + extra)
+    if gpu_id is None:
+        gpu_id = _current_device_if_initialised()
+    try:
+        answer = run_isolated(target or _probe_child, (gpu_id, bool(trial_encode)), timeout=timeout,
+                              what="hardware probe")
+        caps = HardwareCaps.from_dict(answer)
+    except IsolatedError as e:
+        caps = HardwareCaps.none(str(e))
+    except (TypeError, KeyError, ValueError) as e:
+        caps = HardwareCaps.none(f"hardware probe subprocess gave an unusable answer: {error_text(e)}")
+    if not caps.available:
+        log.warning("hardware codecs unavailable: %s", caps.reason)
+    for w in caps.warnings:
+        log.warning("hardware codecs: %s", w)
+    return caps
+
+
+def _cuda_visible() -> tuple[bool, str]:
+    """Whether torch sees a CUDA GPU (no CUDA context is created)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return True, ""
+        return False, "no NVIDIA GPU: torch.cuda.is_available() is False"
+    except Exception as e:
+        return False, f"CUDA unusable: {error_text(e)}"
+
+
+def _current_device_if_initialised() -> int | None:
+    import torch
+
+    return torch.cuda.current_device() if torch.cuda.is_initialized() else None
+
+
+def _probe_child(gpu_id: int | None, trial_encode: bool) -> dict[str, Any]:
+    """What the probe subprocess runs: the probe, as plain data."""
+    return probe_hardware_here(gpu_id, trial_encode).to_dict()
+
+
+class IsolatedError(RuntimeError):
+    """A function run by :func:`run_isolated` raised, died, hung or answered nothing."""
+
+
+def _isolated_main(conn: Any, func: Callable[..., Any], args: tuple) -> None:
+    """Body of the subprocess: run ``func``, send ``("ok", value)`` or ``("error", text)``."""
+    try:
+        try:
+            value = func(*args)
+        except BaseException as e:  # SystemExit from exit() too: report it, do not just vanish
+            conn.send(("error", error_text(e)))
+            return
+        try:
+            conn.send(("ok", value))
+        except Exception as e:  # unpicklable answer
+            conn.send(("error", f"answer not sendable: {error_text(e)}"))
+    finally:
+        conn.close()
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "no exit code"
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def run_isolated(func: Callable[..., Any], args: tuple = (), *, timeout: float, what: str = "subprocess") -> Any:
+    """``func(*args)`` in a fresh spawned process; its return value, or
+    :class:`IsolatedError` saying why there is none: it raised (the error
+    text), died before answering (exit code or signal), or did not answer
+    within ``timeout`` seconds (then it is killed).  ``func`` and ``args``
+    must be picklable (a module-level function), and so must the answer."""
+    ctx = mp.get_context("spawn")
+    recv_end, send_end = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_isolated_main, args=(send_end, func, args), name=what.replace(" ", "-"))
+    try:
+        proc.start()
+    except Exception as e:
+        recv_end.close()
+        send_end.close()
+        raise IsolatedError(f"{what} subprocess could not start: {error_text(e)}") from e
+    send_end.close()  # ours: so a child that dies reads as end-of-file
+    try:
+        if not recv_end.poll(timeout):
+            raise IsolatedError(f"{what} subprocess did not answer within {timeout:g} s (killed)")
+        try:
+            kind, payload = recv_end.recv()
+        except (EOFError, OSError):
+            proc.join(5)
+            raise IsolatedError(f"{what} subprocess died before answering ({_exit_text(proc.exitcode)}); "
+                                "PyNvVideoCodec exits the process on some CUDA driver errors") from None
+        proc.join(5)  # it has answered: let it exit on its own
+        if kind != "ok":
+            raise IsolatedError(f"{what} subprocess failed: {payload}")
+        return payload
+    finally:
+        recv_end.close()
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def probe_hardware_here(
+    gpu_id: int | None = None,
+    trial_encode: bool = True,
+    nvc: Any = None,
+    device_name: str | None = None,
+) -> HardwareCaps:
+    """The probe itself, in this process (see :func:`probe_hardware`, which
+    runs this in a subprocess); never raises.
 
     Order: a CUDA GPU visible to torch (the colour conversion runs in torch),
     PyNvVideoCodec importable, then per codec ``GetDecoderCaps`` and
     ``GetEncoderCaps``; with ``trial_encode`` an encoder is also created at
     the minimum size, the definitive test (spec: "encoder creation fails"
-    on GPUs without NVENC).  ``nvc`` (with ``device_name``) injects a
-    module in place of PyNvVideoCodec and skips the CUDA check (tests).
+    on GPUs without NVENC).  When PyNvVideoCodec's native module had to be
+    loaded directly (no NVENC library, see :func:`import_pynvvideocodec`),
+    NVENC is not asked at all: the encode notes and ``warnings`` say why.
+    ``nvc`` (with ``device_name``) injects a module in place of
+    PyNvVideoCodec and skips the CUDA check (tests).
     """
     if nvc is None:
         ok, why, device = _cuda_status()
@@ -338,18 +647,22 @@ def probe_hardware(
         try:
             caps = dict(nvc.GetDecoderCaps(gpuid=gpu_id, codec=getattr(nvc.cudaVideoCodec, member)))
         except Exception as e:
-            notes[f"decode:{codec}"] = f"GetDecoderCaps failed: {_first_line(e)}"
+            notes[f"decode:{codec}"] = f"GetDecoderCaps failed: {error_text(e)}"
             continue
         if not int(caps.get("supported", 1)):
             notes[f"decode:{codec}"] = "NVDEC does not support it on this GPU"
             continue
         decode[codec] = _limits(caps, DEFAULT_DECODE_MIN[codec], "num_decoder_engines")
 
+    load_note = getattr(nvc, "__load_note__", None)  # loaded directly: no NVENC library
     for codec, name in NVENC_CODECS.items():
+        if load_note:
+            notes[f"encode:{codec}"] = load_note
+            continue
         try:
             caps = dict(nvc.GetEncoderCaps(gpuid=gpu_id, codec=name))
         except Exception as e:
-            notes[f"encode:{codec}"] = f"no NVENC ({_first_line(e)})"
+            notes[f"encode:{codec}"] = f"no NVENC ({error_text(e)})"
             continue
         if not caps:
             notes[f"encode:{codec}"] = "no NVENC (empty encoder caps)"
@@ -360,7 +673,7 @@ def probe_hardware(
             try:
                 nvc.CreateEncoder(w, h, "NV12", False, codec=name, gpu_id=str(gpu_id))
             except Exception as e:
-                notes[f"encode:{codec}"] = f"no NVENC (encoder creation failed: {_first_line(e)})"
+                notes[f"encode:{codec}"] = f"no NVENC (encoder creation failed: {error_text(e)})"
                 continue
         elif "num_encoder_engines" in caps and limits.engines == 0:
             notes[f"encode:{codec}"] = "no NVENC (0 encoder engines)"
@@ -381,6 +694,7 @@ def probe_hardware(
         encode=encode,
         decode=decode,
         notes=notes,
+        warnings=(load_note,) if load_note else (),
     )
 
 
@@ -653,7 +967,7 @@ class NvCodecBackend(CodecBackend):
         except (CodecError, ValueError):
             raise
         except Exception as e:  # PyNvVideoCodec / CUDA errors of every kind
-            raise CodecError(f"{params.codec}: {self.name}: {_first_line(e)}") from e
+            raise CodecError(f"{params.codec}: {self.name}: {error_text(e)}") from e
         return _like_input(out, frames, is_tensor)
 
     # -- the two round trips -------------------------------------------------------
@@ -763,6 +1077,7 @@ __all__ = [
     "DEFAULT_ENCODE_MIN",
     "HardwareCaps",
     "I_QP_OFFSET",
+    "IsolatedError",
     "NVDEC_CODECS",
     "NVENC_CODECS",
     "NvCodecBackend",
@@ -770,8 +1085,11 @@ __all__ = [
     "import_pynvvideocodec",
     "nvdec_decode",
     "nvenc_encode",
+    "nvenc_missing_note",
     "nvenc_options",
     "nvenc_preset",
     "nvenc_qp",
     "probe_hardware",
+    "probe_hardware_here",
+    "run_isolated",
 ]

@@ -2,14 +2,18 @@
 decoded batch plus a record of what was actually applied out.
 
 Codec failures must not cost frames or stop a training run, and must not be
-hidden either: a failing round trip is retried once, then replaced by a
-known-good software H.264 encode, and the record says so
-(``codec_failure``, ``fallback``).  Only when even that fails does the
-caller see :class:`CodecError`.
+hidden either: a failing round trip is retried once; a hardware backend's
+failure then runs the SAME codec and parameters on the software backend
+(retried once too), so a systematic hardware problem does not change the
+codec mix of the data set; only then is the batch replaced by a known-good
+software H.264 encode.  The record says what happened (``backend``,
+``codec_failure``, ``fallback``).  Only when even that fails does the caller
+see :class:`CodecError`.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -24,6 +28,9 @@ FALLBACK_CRF = 26
 FALLBACK_PRESET = "medium"
 
 _SOFTWARE = SoftwareBackend()
+
+log = logging.getLogger(__name__)
+_warned: set[tuple[str, str]] = set()  # (backend, codec) whose hardware failure was logged
 
 
 def available_backends() -> dict[str, CodecBackend]:
@@ -60,7 +67,7 @@ def _failure_text(params: VideoParams, error: CodecError) -> str:
     return msg if msg.startswith(prefix) else prefix + msg
 
 
-def _record(backend_name: str, params: VideoParams, failure: str | None) -> dict[str, Any]:
+def _record(backend_name: str, params: VideoParams, failure: str | None, fallback: bool) -> dict[str, Any]:
     return {
         "backend": backend_name,
         "codec": params.codec,
@@ -68,8 +75,21 @@ def _record(backend_name: str, params: VideoParams, failure: str | None) -> dict
         "bitrate_kbps": params.bitrate_kbps,
         "preset": params.preset,
         "codec_failure": failure,
-        "fallback": failure is not None,
+        "fallback": fallback,
     }
+
+
+def _twice(backend: CodecBackend, frames: np.ndarray, params: VideoParams) -> np.ndarray:
+    """A round trip, retried once on :class:`CodecError` (the second error propagates)."""
+    try:
+        return _attempt(backend, frames, params)
+    except CodecError:
+        return _attempt(backend, frames, params)
+
+
+def _is_software(backend: CodecBackend, codec: str) -> bool:
+    """Whether ``backend`` runs ``codec`` on the software backend already."""
+    return isinstance(backend, SoftwareBackend) or backend.label(codec) == SoftwareBackend.name
 
 
 def compress_video(
@@ -82,27 +102,38 @@ def compress_video(
 
     Order: the backend (or the software backend when ``backend`` does not
     support the codec, e.g. MPEG-2 on NVENC); on :class:`CodecError`, the
-    same once more; then ``fallback_params`` (default
-    :func:`default_fallback`) on the software backend.  Returns the frames
-    (same shape as the input, always all N) and the record of what was
-    applied.  Raises :class:`CodecError` when the fallback fails too.
+    same once more; a hardware backend's (anything but software) failure
+    then runs the same codec and parameters on the software backend, again
+    with one retry - record: ``backend`` "software", ``codec_failure`` the
+    hardware error, ``fallback`` False; then ``fallback_params`` (default
+    :func:`default_fallback`) on the software backend - record:
+    ``fallback`` True, ``codec_failure`` every error on the way.  Returns the
+    frames (same shape as the input, always all N) and the record of what
+    was applied.  Raises :class:`CodecError` when the fallback fails too.
     """
     first = backend if backend.supports(params.codec) else _SOFTWARE
-    error: CodecError | None = None
-    for _ in range(2):
+    try:
+        return _twice(first, frames, params), _record(first.label(params.codec), params, None, False)
+    except CodecError as e:
+        failure = _failure_text(params, e)
+
+    if not _is_software(first, params.codec):
+        name = first.label(params.codec)
+        if (name, params.codec) not in _warned:  # once per backend and codec and process; records have each
+            _warned.add((name, params.codec))
+            log.warning("%s failed twice on the %s backend; running it with the same parameters on the software "
+                        "backend (later failures are only in the records): %s", params.codec, name, failure)
         try:
-            return _attempt(first, frames, params), _record(first.label(params.codec), params, None)
+            return _twice(_SOFTWARE, frames, params), _record(_SOFTWARE.name, params, failure, False)
         except CodecError as e:
-            error = e
-    assert error is not None
-    failure = _failure_text(params, error)
+            failure = f"{failure}; software {_failure_text(params, e)}"
 
     fb = fallback_params if fallback_params is not None else default_fallback(params)
     try:
         out = _attempt(_SOFTWARE, frames, fb)
     except CodecError as e:
         raise CodecError(f"{failure}; fallback {_failure_text(fb, e)}") from e
-    return out, _record(_SOFTWARE.name, fb, failure)
+    return out, _record(_SOFTWARE.name, fb, failure, True)
 
 
 __all__ = [

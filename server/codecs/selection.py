@@ -119,6 +119,9 @@ class BackendPlan:
     hardware: str = ""
     policy: str = "measured"
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    #: the probe's own warnings (``HardwareCaps.warnings``), also in ``warnings``;
+    #: the server lists them in GetInfo next to the backend names
+    hardware_warnings: tuple[str, ...] = ()
 
     def backend_for(self, codec: str) -> str:
         return self.choices[codec].backend if codec in self.choices else "software"
@@ -225,7 +228,7 @@ def select_backends(
             raise ValueError(f"throughput for {k} names unknown backends {sorted(unknown)}")
 
     choices: dict[str, CodecChoice] = {}
-    warnings: list[str] = []
+    warnings: list[str] = list(caps.warnings)
     for codec in codecs:
         requested = wanted.get(codec, wanted.get("*", "auto"))
         feasible = feasibility(caps, codec)
@@ -243,7 +246,8 @@ def select_backends(
             continue
         backend, reason = _auto(codec, feasible, measured.get(codec, {}), policy, min_gain)
         choices[codec] = CodecChoice(codec, backend, reason, requested)
-    return BackendPlan(choices=choices, hardware=caps.summary(), policy=policy, warnings=tuple(warnings))
+    return BackendPlan(choices=choices, hardware=caps.summary(), policy=policy, warnings=tuple(warnings),
+                       hardware_warnings=tuple(caps.warnings))
 
 
 class PlanBackend(CodecBackend):
