@@ -62,12 +62,15 @@ fi
 # ---------------------------------------------------------------------------------------------------
 # Benchmarks: "name|cap in seconds|command" (the command runs with bash -c; $PY, $DEVICE and $SCRATCH
 # are expanded here).  A command that writes JSON should write it to $SCRATCH/<name>.json: it ends up
-# in results.json under <name>.  Add new benchmarks HERE, e.g. the split pipeline:
-#   "engine_bench_split|180|$PY -m server bench --device $DEVICE --pipeline split --runs 1 --batches 2 --workers 2 --skip-naive --skip-delivered --json $SCRATCH/engine_bench_split.json"
+# in results.json under <name>.  Add new benchmarks HERE.
+# device_stage: the split pipeline's device stage alone (target >= 20,000 patches/s on an H200);
+# engine_bench: `degrade bench` with --pipeline split (auto's choice on CUDA) on every core, the codec
+# limit of the same host, the busy fractions, delivered to 1 and 2 clients.
 BENCHES=(
   "grl_speed|120|$PY -m benchmarks.grl_speed --device $DEVICE --steps 10 --warmup 3 --precisions fp32,bf16"
   "nvcodec_speed|150|$PY -m benchmarks.nvcodec_speed --batches 2 --json $SCRATCH/nvcodec_speed.json"
-  "engine_bench|200|$PY -m server bench --device $DEVICE --runs 1 --batches 2 --workers 2 --skip-naive --clients 2 --json $SCRATCH/engine_bench.json"
+  "device_stage|90|$PY -m benchmarks.device_stage --device $DEVICE --batches 8 --runs 3"
+  "engine_bench|200|$PY -m server bench --device $DEVICE --pipeline split --runs 1 --batches 2 --skip-naive --clients 2 --json $SCRATCH/engine_bench.json"
   "grl_speed_compile|150|$PY -m benchmarks.grl_speed --device $DEVICE --steps 10 --warmup 3 --precisions bf16 --models ours --compile"
 )
 # ---------------------------------------------------------------------------------------------------
