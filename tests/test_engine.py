@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
+from codec_fakes import BrokenBackend
 
-from server.codecs import CodecError, SoftwareBackend
 from server.config import DegradationConfig
 from server.engine import Engine
 from server.epoch_plan import make_epoch_plan
@@ -94,15 +94,6 @@ def test_v1_ending_and_vcisr_code_profile(folder, device):
     res = Engine(code, device=device).make_batch(folder, make_epoch_plan(folder.images, code, 0, 0), 0)
     assert res.lr.shape == (4, 90, 90, 3)
     assert len({str(r["kernel1"]) for r in res.records}) == 1  # one kernel per video batch
-
-
-class BrokenBackend(SoftwareBackend):
-    """A real backend whose every round trip fails, as a crashed hardware encoder would."""
-
-    name = "broken"
-
-    def roundtrip(self, frames, params):
-        raise CodecError(f"{params.codec}: encoder refused to open")
 
 
 def test_codec_failure_falls_back_and_is_recorded(folder):

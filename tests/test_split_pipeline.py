@@ -6,14 +6,12 @@ the device stage runs on the CPU here and on CUDA with ``--device cuda``.
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from codec_fakes import BrokenBackend, KillOnceBackend
 
-from server.codecs import CodecError, SoftwareBackend
 from server.config import DegradationConfig
 from server.images import ImageFolder
 from server.pipelines import make_producer, resolve_pipeline
@@ -75,15 +73,6 @@ def test_split_gives_the_same_bytes_and_records_as_the_whole_batch_path(folder, 
         assert b.hr is None and b.hr_usm is None and a.lr.tobytes() == b.lr.tobytes()
 
 
-class BrokenBackend(SoftwareBackend):
-    """A real backend whose every round trip fails, as a crashed hardware encoder would."""
-
-    name = "broken"
-
-    def roundtrip(self, frames, params):
-        raise CodecError(f"{params.codec}: encoder refused to open")
-
-
 def test_a_failing_codec_falls_back_the_same_way_in_both_paths(folder):
     cfg = DegradationConfig(video_batch_size=3, first_batch_range=(3, 3), v2_prob=1.0)
     jobs = [(0, 0), (0, 1)]
@@ -95,21 +84,6 @@ def test_a_failing_codec_falls_back_the_same_way_in_both_paths(folder):
         assert b.codec_failures == 1
         assert all("encoder refused" in r["codec_failure"] for r in b.records)
         assert all(r["backend"] == "software" and r["codec"] == "libx264" for r in b.records)
-
-
-class KillOnceBackend(SoftwareBackend):
-    """The software codecs, except that the first round trip kills its worker process
-    (a segfault in a codec library, an OOM kill); a marker file remembers it happened."""
-
-    def __init__(self, marker: str, always: bool = False):
-        super().__init__()
-        self.marker, self.always = marker, always
-
-    def roundtrip(self, frames, params):
-        if self.always or not os.path.exists(self.marker):
-            Path(self.marker).write_text(str(os.getpid()))
-            os._exit(9)
-        return super().roundtrip(frames, params)
 
 
 def test_a_codec_worker_killed_mid_batch_loses_nothing(folder, tmp_path):

@@ -1,0 +1,36 @@
+"""Codec backends that misbehave on purpose, for the engine and pipeline tests.
+
+They live in a module of their own so that worker processes can unpickle them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from server.codecs import CodecError, SoftwareBackend
+
+
+class BrokenBackend(SoftwareBackend):
+    """A real backend whose every round trip fails, as a crashed hardware encoder would."""
+
+    name = "broken"
+
+    def roundtrip(self, frames, params):
+        raise CodecError(f"{params.codec}: encoder refused to open")
+
+
+class KillOnceBackend(SoftwareBackend):
+    """The software codecs, except that the first round trip kills its worker process
+    (a segfault in a codec library, an OOM kill); a marker file remembers it happened.
+    ``always``: every round trip kills its worker."""
+
+    def __init__(self, marker: str, always: bool = False):
+        super().__init__()
+        self.marker, self.always = marker, always
+
+    def roundtrip(self, frames, params):
+        if self.always or not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            os._exit(9)
+        return super().roundtrip(frames, params)
