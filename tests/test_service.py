@@ -250,7 +250,7 @@ def test_request_overrides_change_the_degradation_within_limits(make_server):
 
 
 def test_stream_limit_gives_resource_exhausted(make_server):
-    srv, address = make_server(max_streams=1)
+    srv, address = make_server(max_streams=1, max_waiting_streams=0)  # no queue: refused at once
     stub = stub_for(address)
     first = stub.StreamBatches(pb.BatchRequest(seed=1, index_range=pb.IndexRange(start=0, stop=3),
                                                include_hr=True, max_chunk_bytes=1))
