@@ -2,9 +2,9 @@
 
 :class:`FairShare` grants units of one resource (``capacity`` of them) to
 waiting requests.  Whenever a unit is free it goes to the waiter whose client
-holds the fewest units, and among equals to the one that has waited longest.
-A stream that used its grant and asks again queues behind everybody else, so
-units go round-robin across clients (and, for one client, across its streams):
+holds the fewest units; among those, to the client served least recently; and
+for one client, to its request that has waited longest.  So units go
+round-robin across clients (and, within a client, across its streams):
 with more demand than capacity nobody waits behind the others for long, and a
 client with many streams gets no more than one with few.
 
@@ -51,6 +51,8 @@ class FairShare:
         self.max_waiting = max_waiting
         self._lock = threading.Lock()
         self._held: Counter = Counter()
+        self._last: dict[Hashable, int] = {}  # client -> number of its latest grant (round-robin order)
+        self._grants = count(1)
         self._in_use = 0
         self._waiters: list[_Waiter] = []
         self._seq = count()
@@ -105,9 +107,13 @@ class FairShare:
 
     def _dispatch(self) -> None:
         while self._in_use < self.capacity and self._waiters:
-            waiter = min(self._waiters, key=lambda w: (self._held[w.client], w.seq))
+            waiter = min(self._waiters, key=lambda w: (self._held[w.client], self._last.get(w.client, 0), w.seq))
             self._waiters.remove(waiter)
             waiter.granted = min(waiter.want, self.capacity - self._in_use)
             self._held[waiter.client] += waiter.granted
             self._in_use += waiter.granted
+            self._last[waiter.client] = next(self._grants)
             waiter.event.set()
+        if len(self._last) > 4096:  # forget clients long gone (each connection is a client)
+            keep = set(self._held) | {w.client for w in self._waiters}
+            self._last = {c: n for c, n in self._last.items() if c in keep}

@@ -129,7 +129,7 @@ def kill_group(proc: subprocess.Popen) -> None:
 def test_sigkill_one_of_two_servers_mid_epoch_loses_and_duplicates_nothing(photo_dir, service_cfg_file):
     (pa, a), (pb_, b) = spawn_server(photo_dir, service_cfg_file), spawn_server(photo_dir, service_cfg_file)
     try:
-        client = DegradeClient([a, b], group_size=1, streams_per_server=1, queue_batches=1, give_up_after=60)
+        client = DegradeClient([a, b], group_size=1, streams_per_server=1, queue_batches=1, unreachable_timeout=60)
         n = client.num_batches(SEED, 1)
         got, killed = [], False
         for batch in client.epoch(SEED, 1):
@@ -150,7 +150,7 @@ def test_sigkill_one_of_two_servers_mid_epoch_loses_and_duplicates_nothing(photo
 
 
 def test_all_servers_gone_is_a_clear_error():
-    client = DegradeClient(["127.0.0.1:1"], give_up_after=2)
+    client = DegradeClient(["127.0.0.1:1"], unreachable_timeout=2)
     with pytest.raises(DegradeError, match="no server answered"):
         client.info()
 
@@ -400,7 +400,7 @@ def test_tls_with_a_self_signed_certificate(make_server, tmp_path):
     with DegradeClient(f"localhost:{port}", tls=TLS(ca=cert), token="tls-tok") as client:
         assert client.info().num_images == 5
         assert len(next(iter(client.epoch(SEED, 0, indices=[0]))).lr) >= 1
-    with DegradeClient(f"localhost:{port}", token="tls-tok", give_up_after=3) as plain:
+    with DegradeClient(f"localhost:{port}", token="tls-tok", unreachable_timeout=3) as plain:
         with pytest.raises(DegradeError):  # plaintext against a TLS port
             plain.info(timeout=3)
 
