@@ -236,6 +236,8 @@ def test_a_server_paused_for_90_s_is_waited_for_and_the_epochs_finish_exactly_on
         if "at" in paused and "until" not in paused:
             resume()
         client.close()
+    print(f"paused 90 s after batch 1 of {len(jobs)}: {len(got)} received, {len(set(got))} distinct, "
+          f"{sum(t > paused.get('until', float('inf')) for t in arrived)} after SIGCONT, retries {client.stats.retries}")
     assert Counter(got) == Counter(jobs)  # everything, exactly once
     assert "until" in paused and any(t > paused["until"] for t in arrived)  # really paused mid-run
     assert any("nothing received for" in r.getMessage() and "slow server is not an error" in r.getMessage()
@@ -308,3 +310,18 @@ def test_six_clients_one_worker_and_a_busy_core_for_4_minutes(server_process, tm
     assert all(r["error"] is None for r in results), ([r["error"] for r in results], logs)
     assert min(pairs) > 0 and min(pairs) >= 0.4 * max(pairs), pairs
     assert proc.poll() is None  # the server is still up
+
+
+# --- the option, in every place a person sets it ---------------------------------------------------
+def test_unreachable_timeout_option_of_the_commands(capsys):
+    from client.cli import main as client_main
+    from model.train import build_parser, config_from_args
+
+    t0 = time.monotonic()
+    assert client_main(["--server", "127.0.0.1:1", "--unreachable-timeout", "1", "--pairs", "1"]) == 1
+    assert time.monotonic() - t0 >= 1
+    assert "no server answered for" in capsys.readouterr().err
+    args = build_parser().parse_args(["--out", "x", "--server", "a:1", "--unreachable-timeout", "7"])
+    assert config_from_args(args).unreachable_timeout == 7
+    with pytest.warns(DeprecationWarning, match="unreachable_timeout"):
+        assert DegradeClient("127.0.0.1:1", give_up_after=3).unreachable_timeout == 3
