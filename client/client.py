@@ -36,13 +36,13 @@ import threading
 import time
 import warnings
 from collections import deque
+from collections.abc import Sized
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Any, Iterable, Iterator, Sequence, Sized
+from typing import Any, Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
-
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .connection import TLS, auth_metadata, make_channel
