@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .client import DegradeClient, DegradeError
+from .client import DEFAULT_UNREACHABLE_TIMEOUT, DegradeClient, DegradeError
 from .connection import resolve_token
 
 
@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", type=Path, default=None, help="use TLS, trusting this PEM CA certificate")
     p.add_argument("--tls", action="store_true", help="use TLS with the system's CA certificates")
     p.add_argument("--streams", type=int, default=2, help="concurrent streams per server (default %(default)s)")
+    p.add_argument("--unreachable-timeout", type=float, default=DEFAULT_UNREACHABLE_TIMEOUT, metavar="SECONDS",
+                   help="give up (exit 1, naming the batches not received) only after this many seconds in which no "
+                        "server could be reached at all (default %(default)g: covers a server restart); a server "
+                        "that is slow but SERVING is waited for")
     p.add_argument("--no-hr-usm", action="store_true", help="do not fetch the sharpened HR target")
     p.add_argument("--out", type=Path, default=None, help="write a preview sheet (PNG) of the first pairs")
     p.add_argument("--preview-pairs", type=int, default=16, help="pairs on the sheet (default %(default)s)")
@@ -49,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.pairs < 1:
         print("degrade-client: error: --pairs must be at least 1", file=sys.stderr)
         return 2
+    if args.unreachable_timeout <= 0:
+        print("degrade-client: error: --unreachable-timeout must be positive", file=sys.stderr)
+        return 2
     client = DegradeClient(servers, token=token, tls=tls, streams_per_server=args.streams,
-                           include_hr_usm=not args.no_hr_usm)
+                           include_hr_usm=not args.no_hr_usm, unreachable_timeout=args.unreachable_timeout)
     preview: list = []
     try:
         info = client.info(args.seed, args.epoch)

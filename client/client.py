@@ -9,7 +9,21 @@ A batch is delivered only once all its chunks have arrived, and each index at
 most once, so nothing is lost and nothing is duplicated.
 
 The output queue is bounded: a consumer that stops reading stops the streams,
-and through gRPC flow control, the servers.
+and through gRPC flow control, the servers (which cancel a stream that stays
+unread for their ``--idle-stream-seconds``; its batches are asked for again).
+
+Slow is not dead.  A trainer waits as long as a server is there, however slow:
+a stream that is open to a server whose health says SERVING is slow, and
+RESOURCE_EXHAUSTED (the server is full) means "wait your turn", retried with
+backoff.  Dead peers are found by gRPC keepalive (client/connection.py: a
+connection whose pings go unanswered for 30 s is closed and its streams fail
+UNAVAILABLE) and by the standard health service, which the client asks
+whenever it has heard nothing from a server for ``health_interval`` seconds.
+Only when no server has shown a sign of life (data, a health answer of
+SERVING, any reply) for ``unreachable_timeout`` seconds does the client raise
+:class:`DegradeError`, naming the batches it never got.  Until then it retries
+with backoff and logs a warning, with the wait so far, every ``warn_after``
+seconds without data.
 """
 
 from __future__ import annotations
@@ -17,15 +31,19 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import random
 import threading
 import time
+import warnings
 from collections import deque
+from collections.abc import Sized
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any, Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .connection import TLS, auth_metadata, make_channel
 from .protocol import degrade_pb2 as pb
@@ -33,7 +51,13 @@ from .protocol import degrade_pb2_grpc as pbg
 
 log = logging.getLogger(__name__)
 
-#: Status codes after which a batch is re-requested from another server.
+#: Default ``unreachable_timeout``: long enough for a server (or its container or pod) to restart.
+DEFAULT_UNREACHABLE_TIMEOUT = 600.0
+
+#: The service whose health the client asks (grpc.health.v1).
+HEALTH_SERVICE = "degrade.v1.Degrader"
+
+#: Status codes after which a batch is re-requested (from another server, or the same one later).
 RETRYABLE = frozenset({
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED,
@@ -128,12 +152,21 @@ class DegradeClient:
     ``addresses``: one or several ``host:port`` (or ``dns:///name:port``) strings.
     ``token``: the bearer token of the servers, if they need one.  ``tls``: None
     (plaintext), True (system CAs), a CA certificate path or :class:`TLS`.
+    ``unreachable_timeout``: raise :class:`DegradeError` only after this many
+    seconds in which no server could be reached at all (default 600: a server
+    restart fits in it); a slow server is waited for without limit.
+    ``warn_after``: log a warning after this many seconds without data (and
+    again every ``warn_after`` seconds).  ``health_interval``: ask a server's
+    health after this many seconds without hearing from it.
+    ``give_up_after`` is the old name of ``unreachable_timeout`` (deprecated).
     """
 
     def __init__(self, addresses: str | Sequence[str], *, token: str | None = None,
                  tls: TLS | bool | str | None = None, streams_per_server: int = 2, group_size: int = 2,
                  include_hr: bool = True, include_hr_usm: bool = True, config_overrides: dict | None = None,
-                 give_up_after: float = 60.0, queue_batches: int | None = None):
+                 unreachable_timeout: float = DEFAULT_UNREACHABLE_TIMEOUT, warn_after: float = 60.0,
+                 health_interval: float = 5.0, queue_batches: int | None = None,
+                 give_up_after: float | None = None):
         if isinstance(addresses, str):
             addresses = [a for a in addresses.split(",") if a.strip()]
         if not addresses:
@@ -141,33 +174,105 @@ class DegradeClient:
         self.addresses = [a.strip() for a in addresses]
         self._channels = {a: make_channel(a, tls) for a in self.addresses}
         self._stubs = {a: pbg.DegraderStub(ch) for a, ch in self._channels.items()}
+        self._health = {a: health_pb2_grpc.HealthStub(ch) for a, ch in self._channels.items()}
         self._metadata = auth_metadata(token)
         self.streams_per_server = max(1, int(streams_per_server))
         self.group_size = max(1, int(group_size))
         self.include_hr = include_hr
         self.include_hr_usm = include_hr_usm
         self.config_overrides_json = json.dumps(config_overrides) if config_overrides else ""
-        self.give_up_after = give_up_after
+        if give_up_after is not None:
+            warnings.warn("DegradeClient(give_up_after=...) is now unreachable_timeout=... (seconds without any "
+                          "reachable server)", DeprecationWarning, stacklevel=2)
+            unreachable_timeout = give_up_after
+        if unreachable_timeout <= 0:
+            raise ValueError("unreachable_timeout must be positive (seconds)")
+        self.unreachable_timeout = float(unreachable_timeout)
+        self.warn_after = float(warn_after)
+        self.health_interval = float(health_interval)
         self.queue_batches = queue_batches or max(2, len(self.addresses) * self.streams_per_server)
         self.stats = ClientStats()
         #: batches a server reported it could not make, as (epoch, index, reason)
         self.failures: list[tuple[int, int, str]] = []
         self._lock = threading.Lock()
+        #: per server: when it last showed it is alive (data, SERVING, any reply), and what we last heard
+        self._contact: dict[str, float] = {}
+        self._heard: dict[str, str] = {a: "not contacted yet" for a in self.addresses}
+
+    # ---- slow or dead? ----
+    def _alive(self, address: str, what: str = "") -> None:
+        """``address`` showed it is alive and serving (or alive and full)."""
+        self._contact[address] = time.monotonic()
+        if what:
+            self._heard[address] = what
+
+    def last_contact(self) -> float:
+        """``time.monotonic()`` of the latest sign of life of any server (-inf: none yet)."""
+        return max(self._contact.values(), default=float("-inf"))
+
+    def probe(self, address: str, timeout: float = 10.0) -> bool:
+        """Ask ``address``'s health service: True (and noted as a sign of life) when it says SERVING or
+        answers at all while overloaded; False when it is NOT_SERVING (shutting down) or unreachable."""
+        try:
+            reply = self._health[address].Check(health_pb2.HealthCheckRequest(service=HEALTH_SERVICE),
+                                                metadata=self._metadata, timeout=timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # gRPC's own limit: it is there, and busy
+                self._alive(address, "alive, every call slot busy")
+                return True
+            self._heard[address] = f"unreachable ({exc.code().name}: {exc.details()})"
+            return False
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            self._alive(address, "SERVING")
+            return True
+        self._heard[address] = f"health {status}"
+        return False
+
+    def describe_servers(self) -> str:
+        now = time.monotonic()
+        parts = []
+        for a in self.addresses:
+            seen = self._contact.get(a)
+            ago = f", last sign of life {now - seen:.0f} s ago" if seen is not None else ", never reached"
+            parts.append(f"{a}: {self._heard[a]}{ago}")
+        return "; ".join(parts)
 
     # ------------------------------------------------------------------
     def info(self, seed: int = 0, epoch: int = 0, timeout: float = 10.0) -> pb.ServerInfo:
-        """The ``ServerInfo`` of the first server that answers (for this seed/epoch/config)."""
-        errors = []
-        for address, stub in self._stubs.items():
-            try:
-                return stub.GetInfo(pb.InfoRequest(seed=seed, epoch=epoch,
-                                                   config_overrides_json=self.config_overrides_json),
-                                    metadata=self._metadata, timeout=timeout)
-            except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE:
-                    raise DegradeError(f"{address}: {exc.code().name}: {exc.details()}", exc.code()) from None
-                errors.append(f"{address}: {exc.code().name}: {exc.details()}")
-        raise DegradeError("no server answered: " + "; ".join(errors), grpc.StatusCode.UNAVAILABLE)
+        """The ``ServerInfo`` of the first server that answers (for this seed/epoch/config).
+
+        ``timeout`` is per call; while no server answers the calls are retried with backoff, and
+        :class:`DegradeError` is raised once no server has been reachable for ``unreachable_timeout`` s
+        (a server that is only slow, SERVING but late, is waited for)."""
+        start = time.monotonic()
+        backoff = 0.2
+        request = pb.InfoRequest(seed=seed, epoch=epoch, config_overrides_json=self.config_overrides_json)
+        while True:
+            errors = []
+            for address, stub in self._stubs.items():
+                try:
+                    reply = stub.GetInfo(request, metadata=self._metadata, timeout=timeout)
+                except grpc.RpcError as exc:
+                    code = exc.code()
+                    if code not in RETRYABLE:
+                        raise DegradeError(f"{address}: {code.name}: {exc.details()}", code) from None
+                    errors.append(f"{address}: {code.name}: {exc.details()}")
+                    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        self._alive(address, "alive, full (RESOURCE_EXHAUSTED)")
+                    elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        self.probe(address, timeout)  # slow or gone? its health service says
+                    continue
+                self._alive(address, "answered GetInfo")
+                return reply
+            waited = time.monotonic() - max(start, self.last_contact())
+            if waited >= self.unreachable_timeout:
+                raise DegradeError(f"no server answered for {waited:.0f} s: " + "; ".join(errors),
+                                   grpc.StatusCode.UNAVAILABLE)
+            (log.warning if waited >= self.warn_after else log.info)(
+                "no server answered GetInfo for %.0f s (%s); retrying in %.1f s", waited, "; ".join(errors), backoff)
+            time.sleep(min(backoff, max(0.05, self.unreachable_timeout - waited)))
+            backoff = min(backoff * 2, 5.0)
 
     def num_batches(self, seed: int, epoch: int) -> int:
         return int(self.info(seed, epoch).batches_per_epoch)
@@ -202,7 +307,8 @@ class DegradeClient:
     def jobs(self, seed: int, jobs: Iterable[tuple[int, int]], *, ordered: bool = False) -> Iterator[VideoBatch]:
         """The video batches named by ``(epoch, index)`` pairs (a list or an endless iterator), each
         exactly once; ``ordered`` keeps the order of ``jobs``."""
-        run = _Run(self, seed, iter(jobs))
+        total = len(jobs) if isinstance(jobs, Sized) else None
+        run = _Run(self, seed, iter(jobs), total)
         try:
             if not ordered:
                 for item in run.results():
@@ -255,9 +361,10 @@ class _Run:
     across epoch boundaries.  Jobs come from an iterator (possibly endless), pulled only when a
     stream is free: at most streams x group_size jobs are requested ahead of the consumer."""
 
-    def __init__(self, client: DegradeClient, seed: int, jobs: Iterator[tuple[int, int]]):
+    def __init__(self, client: DegradeClient, seed: int, jobs: Iterator[tuple[int, int]], total: int | None = None):
         self.client, self.seed = client, seed
         self._jobs = jobs
+        self.total = total  # number of jobs, when known
         self._peek: tuple[int, int] | None = None
         self.exhausted = False
         self.dispatched = 0  # jobs pulled from the iterator
@@ -268,10 +375,13 @@ class _Run:
         self.out: queue.Queue = queue.Queue(maxsize=client.queue_batches)
         self.stopping = threading.Event()
         self.calls: set[Any] = set()
-        self.last_progress = time.monotonic()
+        self.started = self.last_progress = time.monotonic()
         self.threads = [
             threading.Thread(target=self._worker, args=(address,), daemon=True, name=f"degrade-{address}-{slot}")
             for address in client.addresses for slot in range(client.streams_per_server)
+        ] + [
+            threading.Thread(target=self._monitor, args=(address,), daemon=True, name=f"degrade-health-{address}")
+            for address in client.addresses
         ]
         for t in self.threads:
             t.start()
@@ -283,6 +393,8 @@ class _Run:
     def results(self) -> Iterator["VideoBatch | _Failed"]:
         """Batches as they arrive, and a :class:`_Failed` for each batch a server could not make."""
         accounted = 0
+        client = self.client
+        warned = self.started
         while True:
             with self.cond:
                 if self.exhausted and accounted == self.dispatched:
@@ -290,11 +402,28 @@ class _Run:
             try:
                 item = self.out.get(timeout=0.5)
             except queue.Empty:
-                if time.monotonic() - self.last_progress > self.client.give_up_after:
+                now = time.monotonic()
+                unreachable = now - max(self.started, client.last_contact())
+                if unreachable > client.unreachable_timeout:
                     with self.cond:
-                        missing = sorted(self.remaining)[:10]
-                    raise DegradeError(f"no server delivered anything for {self.client.give_up_after:.0f} s; "
-                                       f"missing (epoch, batch): {missing}", grpc.StatusCode.UNAVAILABLE)
+                        missing = sorted(self.remaining)
+                        later = None if self.total is None else self.total - self.dispatched
+                    more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+                    later = f"; {later} later one(s) not asked for yet" if later else ""
+                    raise DegradeError(
+                        f"no server reachable for {unreachable:.0f} s (unreachable_timeout "
+                        f"{client.unreachable_timeout:g} s; {client.describe_servers()}); {len(missing)} video "
+                        f"batch(es) asked for and never received, (epoch, batch): {missing[:20]}{more}{later}",
+                        grpc.StatusCode.UNAVAILABLE)
+                quiet = now - max(self.last_progress, warned)
+                if quiet >= client.warn_after:
+                    warned = now
+                    with self.cond:
+                        waiting = len(self.remaining)
+                    log.warning("nothing received for %.0f s (%d video batch(es) asked for and not yet here); "
+                                "servers: %s. Waiting: a slow server is not an error; giving up only after %g s "
+                                "with no server reachable", now - self.last_progress, waiting,
+                                client.describe_servers(), client.unreachable_timeout)
                 continue
             if isinstance(item, BaseException):
                 raise item
@@ -377,6 +506,20 @@ class _Run:
         self._emit(exc)
         self.stopping.set()
 
+    def _monitor(self, address: str) -> None:
+        """Ask ``address``'s health whenever nothing has been heard from it for ``health_interval`` s,
+        so that a stream that is merely slow is told from a server that is gone."""
+        client = self.client
+        interval = client.health_interval
+        while not self.stopping.wait(interval):
+            if time.monotonic() - client._contact.get(address, float("-inf")) >= interval:
+                client.probe(address, timeout=max(interval, 10.0))
+
+    def _wait(self, backoff: float) -> float:
+        """Sleep ``backoff`` s, jittered (so that many clients do not retry in step); the next backoff."""
+        self.stopping.wait(backoff * random.uniform(0.5, 1.5))
+        return min(backoff * 2, 5.0)
+
     def _worker(self, address: str) -> None:
         client = self.client
         stub = client._stubs[address]
@@ -410,16 +553,18 @@ class _Run:
                     return
                 with client._lock:
                     client.stats.retries += 1
-                log.warning("%s: %s (%s); re-requesting %s elsewhere", address, code.name, exc.details(),
-                            [job for job in group if job in self.remaining])
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # alive and full: wait our turn, never fatal
+                    client._alive(address, "alive, full (RESOURCE_EXHAUSTED)")
+                    log.info("%s is full (%s); asking again in a while", address, exc.details())
+                else:
+                    log.warning("%s: %s (%s); re-requesting %s", address, code.name, exc.details(),
+                                [job for job in group if job in self.remaining])
                 self._put_back(group)
-                self.stopping.wait(backoff)  # let the other servers take the group first
-                backoff = min(backoff * 2, 5.0)
+                backoff = self._wait(backoff)  # let the other servers take the group first
             except DegradeError as exc:  # a malformed reply: treat the server as broken
                 log.error("%s: %s; re-requesting elsewhere", address, exc)
                 self._put_back(group)
-                self.stopping.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = self._wait(backoff)
             finally:
                 with self.cond:
                     self.calls.discard(call)
@@ -427,6 +572,7 @@ class _Run:
     def _receive(self, call: Any, address: str, epoch: int) -> None:
         current: _Assembly | None = None
         for chunk in call:
+            self.client._alive(address, "streaming")
             if self.stopping.is_set():
                 call.cancel()
                 return

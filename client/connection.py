@@ -23,9 +23,16 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
     # spread calls over every address a name resolves to (the default, pick_first, would use one)
     ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
-    # notice a dead server on an idle connection within ~20 s instead of the TCP timeout
+    # keepalive tells a dead server (crashed host, SIGSTOP, network gone: no FIN ever comes) from a slow one:
+    # ping every 20 s while calls are open and close the connection when a ping is not answered within
+    # 10 s, so its streams fail UNAVAILABLE and are asked for again, instead of hanging until the TCP
+    # timeout (~15 min). A server that is only slow answers pings (gRPC's core does, whatever Python is
+    # doing), so its streams stay open. The server accepts pings down to every 10 s (server/serve.py).
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # keep pinging through a stream on which the server sends nothing for minutes (an overloaded pool):
+    # by default a client stops after 2 pings without sending data itself
+    ("grpc.http2.max_pings_without_data", 0),
     # reconnect quickly after a server restarts (gRPC's default backoff grows to 120 s)
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 5_000),

@@ -54,6 +54,7 @@ class TrainConfig:
     servers: tuple[str, ...] = ()         # empty: an in-process engine
     token: str | None = None
     tls_ca: Path | None = None
+    unreachable_timeout: float = 600.0    # servers: give up after this long with none reachable (slow is fine)
     images: Path | None = None            # in-process engine's images (default: the sample data)
     degradation_config: Path | None = None  # in-process engine's config file
     engine_workers: int | None = None
@@ -205,7 +206,8 @@ class Trainer:
         if cfg.servers:
             from client import DegradeClient
 
-            return DegradeClient(list(cfg.servers), token=cfg.token, tls=cfg.tls_ca)
+            return DegradeClient(list(cfg.servers), token=cfg.token, tls=cfg.tls_ca,
+                                 unreachable_timeout=cfg.unreachable_timeout)
         from client.local import LocalSource
 
         engine_device = str(self.device) if cfg.engine_device == "auto" else cfg.engine_device
@@ -465,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--token", default=None, help="bearer token of the servers (default: $DEGRADE_TOKEN)")
     tok.add_argument("--token-file", type=Path, default=None, help="read the token from a file")
     p.add_argument("--tls-ca", type=Path, default=None, help="servers use TLS: trust this CA certificate")
+    p.add_argument("--unreachable-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="stop the run only after this many seconds in which no server could be reached at all "
+                        "(default %(default)g: covers a server restart); slow servers are waited for")
     p.add_argument("--images", type=Path, default=None, help="in-process engine: HR image folder (default: sample)")
     p.add_argument("--degradation-config", type=Path, default=None, help="in-process engine: TOML/YAML config")
     p.add_argument("--engine-workers", type=int, default=None, help="in-process engine: worker processes")
@@ -511,6 +516,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                                else None)
     return TrainConfig(
         stage=args.stage, out=args.out, servers=tuple(args.server), token=token, tls_ca=args.tls_ca,
+        unreachable_timeout=args.unreachable_timeout,
         images=args.images, degradation_config=args.degradation_config, engine_workers=args.engine_workers,
         engine_device=args.engine_device, engine_pipeline=args.engine_pipeline,
         seed=args.seed, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,

@@ -27,6 +27,11 @@ class ServiceMetrics:
                                 ["code"], registry=r)
         self.streams_total = Counter("degrade_streams", "StreamBatches calls accepted", registry=r)
         self.active_streams = Gauge("degrade_active_streams", "StreamBatches calls in progress", registry=r)
+        self.waiting_streams = Gauge("degrade_waiting_streams",
+                                     "StreamBatches calls waiting for a slot (all --max-streams in use)", registry=r)
+        self.idle_cancelled = Counter("degrade_idle_streams_cancelled",
+                                      "streams cancelled because their client accepted no chunk for "
+                                      "--idle-stream-seconds", registry=r)
         self.queue = Gauge("degrade_queue_depth", "video batches being made or waiting to be sent", registry=r)
         self.queue.set_function(queue_depth)
         self.skipped = Gauge("degrade_skipped_images", "images of the dataset rejected at scan", registry=r)

@@ -3,6 +3,7 @@
     degrade-server [--images DIR] [--host H] [--port P] [--workers N]
                    [--device auto|cpu|cuda] [--pipeline auto|split|batch] [--token T | --token-file F]
                    [--tls-cert C --tls-key K] [--config FILE] [--metrics-port M]
+                   [--max-streams S] [--max-waiting-streams W] [--idle-stream-seconds I]
 
 :func:`create_server` builds a started-or-not server from a frozen
 :class:`ServerConfig` and returns it with its bound port (tests bind port 0);
@@ -59,7 +60,9 @@ class ServerConfig:
     config_file: Path | None = None
     profile: str = "vcisr"
     metrics_port: int | None = None     # None: no Prometheus endpoint
-    max_streams: int = 8                # concurrent StreamBatches; more get RESOURCE_EXHAUSTED
+    max_streams: int = 8                # concurrent StreamBatches; more wait their turn (fairly)
+    max_waiting_streams: int | None = None  # streams that may wait for a slot (None: max_streams); more: RESOURCE_EXHAUSTED
+    idle_stream_seconds: float = 60.0   # a stream whose client accepts no chunk this long is cancelled (0: never)
     drain_seconds: float = 2.0          # NOT_SERVING before closing, so balancers stop sending
     grace_seconds: float = 30.0         # then in-flight RPCs get this long to finish
     max_video_batch: int = 256          # largest video batch a request may ask for
@@ -86,9 +89,17 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
     # chunks are kept below MAX_CHUNK_BYTES; this is the hard ceiling
     ("grpc.max_send_message_length", MAX_CHUNK_BYTES + 256 * 1024),
-    # clients may ping to keep long idle streams alive through NAT / load balancers
+    # keepalive enforcement: clients ping every 20 s (client/connection.py) to tell a slow server from a
+    # dead one; accept pings down to every 10 s, also on connections without calls and during streams
+    # that send nothing for minutes (an overloaded pool); faster pings are strikes (default: 2, then GOAWAY)
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # our own pings: a client that vanished (power cut, network gone, no FIN) is noticed within about
+    # 90 s and its streams end, so their slots come back (an alive client that reads nothing is the
+    # idle-stream watchdog's business)
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 30_000),
+    ("grpc.http2.max_pings_without_data", 0),  # keep pinging through a stream that is waiting for the pool
     # two servers must not share one port by accident (SO_REUSEPORT would split traffic)
     ("grpc.so_reuseport", 0),
 ]
@@ -136,6 +147,7 @@ class DegradeServer:
         if drain > 0:
             self._stopped.wait(drain)
         self.grpc.stop(grace).wait()
+        self.service.close()
         self.service.producer.close(terminate=True)  # batches still running have no receiver any more
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
@@ -174,7 +186,9 @@ def create_server(config: ServerConfig) -> tuple[DegradeServer, int]:
     producer = make_producer(folder, cfg, pipeline=config.pipeline, workers=config.workers, device=device,
                              backend=backend)
     service = DegradeService(producer, dataset_name=Path(root).name, max_streams=config.max_streams,
-                             max_video_batch=config.max_video_batch, codec_backends=backend_names)
+                             max_video_batch=config.max_video_batch, codec_backends=backend_names,
+                             max_waiting_streams=config.max_waiting_streams,
+                             idle_stream_seconds=config.idle_stream_seconds)
 
     interceptors = []
     if config.token:
@@ -182,8 +196,9 @@ def create_server(config: ServerConfig) -> tuple[DegradeServer, int]:
 
         interceptors.append(TokenAuthInterceptor(
             config.token, on_deny=lambda: service.metrics.rejected.labels("UNAUTHENTICATED").inc()))
-    # threads: every allowed stream, plus room for GetInfo, health and the streams we turn away
-    threads = config.max_streams + 16
+    # threads: every allowed stream and every waiting one, plus room for GetInfo, health and the streams
+    # we turn away (past this gRPC itself answers RESOURCE_EXHAUSTED)
+    threads = config.max_streams + service.max_waiting_streams + 16
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
                          interceptors=interceptors, options=SERVER_OPTIONS, maximum_concurrent_rpcs=threads)
     server.add_generic_rpc_handlers((service.handler(),))
@@ -240,7 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(software encode + NVDEC decode), nvenc, or per codec e.g. 'auto,libx264=hybrid'")
     add_pipeline_argument(p)
     p.add_argument("--max-streams", type=int, default=8,
-                   help="concurrent streams allowed (default %(default)s); more get RESOURCE_EXHAUSTED")
+                   help="concurrent streams served (default %(default)s); more wait for a slot, which goes to the "
+                        "least-served client first")
+    p.add_argument("--max-waiting-streams", type=int, default=None,
+                   help="streams that may wait for a slot (default: --max-streams); past them new streams get "
+                        "RESOURCE_EXHAUSTED at once (clients retry with backoff)")
+    p.add_argument("--idle-stream-seconds", type=float, default=60.0,
+                   help="cancel a stream (ABORTED) whose client has accepted no chunk for this long, so a client "
+                        "that stopped reading gives its slot back (default %(default)s; 0: never). Waiting for a "
+                        "slot or for the pool does not count")
     p.add_argument("--drain-seconds", type=float, default=2.0,
                    help="on SIGTERM, seconds of NOT_SERVING before closing (default %(default)s)")
     p.add_argument("--grace-seconds", type=float, default=30.0,
@@ -264,11 +287,17 @@ def config_from_args(args: argparse.Namespace, environ: dict | None = None) -> S
         token = env.get("DEGRADE_TOKEN") or None
     if args.max_streams < 1:
         raise ConfigError("--max-streams must be at least 1")
+    if args.max_waiting_streams is not None and args.max_waiting_streams < 0:
+        raise ConfigError("--max-waiting-streams must be 0 or more")
+    if args.idle_stream_seconds < 0:
+        raise ConfigError("--idle-stream-seconds must be 0 (never) or more")
     return ServerConfig(
         images=args.images, host=args.host, port=args.port, workers=args.workers, device=args.device, token=token,
         tls_cert=args.tls_cert, tls_key=args.tls_key, config_file=args.config, profile=args.profile,
-        metrics_port=args.metrics_port, max_streams=args.max_streams, drain_seconds=args.drain_seconds,
-        grace_seconds=args.grace_seconds, codec_backend=args.codec_backend, pipeline=args.pipeline,
+        metrics_port=args.metrics_port, max_streams=args.max_streams,
+        max_waiting_streams=args.max_waiting_streams, idle_stream_seconds=args.idle_stream_seconds,
+        drain_seconds=args.drain_seconds, grace_seconds=args.grace_seconds, codec_backend=args.codec_backend,
+        pipeline=args.pipeline,
     )
 
 

@@ -9,6 +9,21 @@ Backpressure: a stream's generator is pulled by gRPC only as fast as the
 client reads (HTTP/2 flow control), and each stream keeps a bounded window of
 batches in flight in the shared worker pool, so a slow client slows its own
 stream and server memory stays bounded.
+
+Fairness under overload (server/fairness.py): the ``max_streams`` stream slots
+and the pool's ``workers + prefetch`` production tickets are both granted
+least-served client first, round-robin among equals.  Streams past the slots
+wait in a bounded queue (past that: RESOURCE_EXHAUSTED); a stream submits a
+batch to the pool only with a ticket, so batches go out round-robin across
+clients whatever order the pool works in.  Each stream has a small "pump"
+thread that drives the producer, so a stream blocked on a slow reader holds no
+ticket.
+
+Idle streams: a stream whose client has not accepted a chunk for
+``idle_stream_seconds`` (it holds a slot and reads nothing) is cancelled with
+ABORTED "stream idle for N s: cancelled to free its slot", counted in
+``degrade_idle_streams_cancelled_total``.  Time spent waiting for a slot or for
+the pool does not count: only a chunk offered and not taken.
 """
 
 from __future__ import annotations
@@ -16,8 +31,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import queue
 import threading
+import time
+from dataclasses import dataclass
 from importlib import metadata
+from itertools import count
 from typing import Any, Iterator
 
 import grpc
@@ -29,6 +48,7 @@ from client.protocol import degrade_pb2 as pb
 
 from .config import DegradationConfig
 from .engine import BatchResult
+from .fairness import FairShare, QueueFull
 from .metrics import ServiceMetrics
 from .pool import BatchProducer
 from .requests import BatchJob, RequestError, resolve_config, validate_batch_request
@@ -84,22 +104,68 @@ def batch_chunks(result: BatchResult, job: BatchJob) -> Iterator[tuple[pb.PairCh
         lo = hi
 
 
+def cancel_with_status(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """End an RPC from any thread with ``code`` and ``details`` (``context.abort`` works only in the
+    handler's own thread, which may be blocked in flow control; ``context.cancel`` has no message)."""
+    try:  # grpc's own call object cancels with a status (grpc_call_cancel_with_status)
+        context._rpc_event.call.cancel(code.value[0], details)  # noqa: SLF001
+    except Exception:  # noqa: BLE001 - another grpc version: cancel without the message
+        context.cancel()
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One running StreamBatches call, as the idle watchdog sees it."""
+
+    id: int
+    client: str
+    context: Any
+    offered_at: float | None = None  # a chunk handed to gRPC and not yet accepted: since when
+    cancelled: bool = False
+    unsent: int = 0  # batches made for this stream and not yet taken by its sender
+
+
+_DONE = object()
+
+
 class DegradeService:
-    """Serves one dataset with one worker pool to any number of clients (up to ``max_streams`` at once)."""
+    """Serves one dataset with one worker pool to any number of clients (up to ``max_streams`` at once,
+    ``max_waiting_streams`` more waiting their turn)."""
 
     def __init__(self, producer: BatchProducer, *, dataset_name: str, max_streams: int, max_video_batch: int = 256,
-                 metrics: ServiceMetrics | None = None, codec_backends: list[str] | None = None):
+                 metrics: ServiceMetrics | None = None, codec_backends: list[str] | None = None,
+                 max_waiting_streams: int | None = None, idle_stream_seconds: float = 60.0):
         self._codec_backends = sorted(codec_backends or ["software"])
         self.producer = producer
         self.cfg: DegradationConfig = producer.cfg
         self.dataset_name = dataset_name
         self.max_streams = max_streams
+        self.max_waiting_streams = max_streams if max_waiting_streams is None else max(0, int(max_waiting_streams))
+        self.idle_stream_seconds = float(idle_stream_seconds)
         self.max_video_batch = max_video_batch
         self.metrics = metrics or ServiceMetrics(queue_depth=lambda: producer.in_flight,
                                                  skipped_images=len(producer.folder.skipped))
-        self._active = 0
+        #: stream slots: --max-streams of them, granted fairly; a bounded queue waits for them
+        self._slots = FairShare(max_streams, max_waiting=self.max_waiting_streams)
+        #: production tickets: one per batch a stream may have in the pool (workers + prefetch in all)
+        self._tickets = FairShare(self.production_capacity)
+        self.metrics.waiting_streams.set_function(lambda: self._slots.waiting)
+        self._streams: dict[int, _Stream] = {}
+        self._ids = count()
         self._lock = threading.Lock()
         self._draining = threading.Event()
+        self._closed = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch_idle, name="idle-streams", daemon=True)
+        self._watchdog.start()
+
+    @property
+    def production_capacity(self) -> int:
+        """Batches the pool works on at once for all streams together (its workers + prefetch, at least 1)."""
+        return max(1, self.producer.workers + self.producer.prefetch)
+
+    def close(self) -> None:
+        """Stop the idle watchdog (after the gRPC server has stopped)."""
+        self._closed.set()
 
     # ------------------------------------------------------------------
     def begin_shutdown(self) -> None:
@@ -108,7 +174,11 @@ class DegradeService:
 
     @property
     def active_streams(self) -> int:
-        return self._active
+        return self._slots.in_use
+
+    @property
+    def waiting_streams(self) -> int:
+        return self._slots.waiting
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The method handlers (requests deserialized here, responses by protobuf)."""
@@ -171,54 +241,119 @@ class DegradeService:
             job = validate_batch_request(req, self.cfg, self.producer.plan, max_video_batch=self.max_video_batch)
         except RequestError as exc:
             self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        with self._lock:
-            if self._active >= self.max_streams:
-                full = True
-            else:
-                full = False
-                self._active += 1
-        if full:
+        client = context.peer() or "unknown"
+        try:  # wait for a slot, fairly (see server/fairness.py)
+            got = self._slots.acquire(client, 1, stop=lambda: self._draining.is_set() or not context.is_active())
+        except QueueFull:
+            got = -1
+        if got < 0:
             self._reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"this server already runs {self.max_streams} streams (its --max-streams); "
-                         "retry later or ask another server")
+                         f"this server already runs {self.max_streams} streams (its --max-streams) and "
+                         f"{self.max_waiting_streams} more wait for a slot; retry later or ask another server")
+        if got == 0:
+            if self._draining.is_set():
+                self._reject(context, grpc.StatusCode.UNAVAILABLE,
+                             "this server is shutting down; ask another server for these batches")
+            return  # the client went away while waiting
+        stream = _Stream(next(self._ids), client, context)
+        with self._lock:
+            self._streams[stream.id] = stream
         self.metrics.active_streams.inc()
         self.metrics.streams_total.inc()
         try:
-            yield from self._serve(job, context)
+            yield from self._serve(job, context, stream)
         finally:
             with self._lock:
-                self._active -= 1
+                self._streams.pop(stream.id, None)
+            self._slots.release(client, 1)
             self.metrics.active_streams.dec()
 
-    def _window(self) -> int:
-        """Batches one stream keeps in flight: the pool's capacity shared by the active streams."""
-        p = self.producer
-        return max(1, math.ceil((p.workers + p.prefetch) / max(1, self._active)))
+    def _share(self) -> int:
+        """Batches one stream may have in the pool at once: the pool's capacity shared by the active streams."""
+        return max(1, math.ceil(self.production_capacity / max(1, self._slots.in_use)))
 
-    def _serve(self, job: BatchJob, context: grpc.ServicerContext) -> Iterator[pb.PairChunk]:
-        expected = iter(job.indices)
-        produced = self.producer.produce(job.seed, job.epoch, job.indices, want_hr=job.include_hr,
-                                         want_usm=job.include_hr_usm, cfg=job.cfg, window=self._window())
+    def _pump(self, job: BatchJob, stream: _Stream, out: queue.SimpleQueue, cond: threading.Condition,
+              stop: threading.Event) -> None:
+        """Drive the producer for one stream (its own thread): take tickets, submit that many batches,
+        hand each made batch to the sender and give its ticket back at once.  The next grant is asked
+        for only when the sender has taken every batch made so far, so a stream whose client reads
+        slowly holds no ticket and keeps at most one grant of batches in memory."""
+        indices = list(job.indices)
+        i = 0
         try:
-            for result in produced:
+            while i < len(indices) and not stop.is_set():
+                with cond:
+                    while stream.unsent and not stop.is_set():
+                        cond.wait(0.5)
+                if stop.is_set():
+                    break
+                held = self._tickets.acquire(stream.client, min(len(indices) - i, self._share()), stop=stop.is_set)
+                if not held:
+                    break
+                grant, i = indices[i:i + held], i + held
+                produced = self.producer.produce(job.seed, job.epoch, grant, want_hr=job.include_hr,
+                                                 want_usm=job.include_hr_usm, cfg=job.cfg, window=held)
+                try:
+                    for result in produced:
+                        self._tickets.release(stream.client, 1)
+                        held -= 1
+                        with cond:
+                            stream.unsent += 1
+                        out.put(result)
+                        if stop.is_set():
+                            break
+                finally:
+                    produced.close()
+                    self._tickets.release(stream.client, held)  # batches the producer skipped or never made
+        except BaseException as exc:  # noqa: BLE001 - the sender turns it into a status
+            out.put(exc)
+        else:
+            out.put(_DONE)
+
+    def _next_result(self, out: queue.SimpleQueue, context: grpc.ServicerContext) -> Any:
+        while True:
+            try:
+                return out.get(timeout=0.5)
+            except queue.Empty:
+                if self._draining.is_set() or not context.is_active():
+                    return None
+
+    def _serve(self, job: BatchJob, context: grpc.ServicerContext, stream: _Stream) -> Iterator[pb.PairChunk]:
+        expected = iter(job.indices)
+        out: queue.SimpleQueue = queue.SimpleQueue()
+        cond = threading.Condition()
+        stop = threading.Event()
+        pump = threading.Thread(target=self._pump, args=(job, stream, out, cond, stop), daemon=True,
+                                name=f"pump-{stream.id}")
+        pump.start()
+        try:
+            while True:
+                result = self._next_result(out, context)
+                if result is None:  # shutting down, or the client went away, while the batch was being made
+                    break
+                if result is _DONE:
+                    for k in expected:
+                        yield from self._offer(stream, self._failed_chunk(job, k))
+                    return
+                if isinstance(result, BaseException):
+                    raise result
+                with cond:
+                    stream.unsent -= 1
+                    cond.notify_all()
                 # batches the producer skipped (it reports them in its failures) come before this one
                 for k in expected:
                     if k == result.batch_index:
                         break
-                    yield self._failed_chunk(job, k)
+                    yield from self._offer(stream, self._failed_chunk(job, k))
                 self.metrics.codec_failures.inc(result.codec_failures)
                 for msg, nbytes in batch_chunks(result, job):
                     # counted when handed to gRPC, so the counters never lag what a client has seen
                     self.metrics.sent(len(result) if msg.last_chunk else 0, nbytes)
                     if msg.last_chunk:
                         self.metrics.batches.inc()
-                    yield msg
+                    yield from self._offer(stream, msg)
                 if self._draining.is_set() or not context.is_active():
                     break
-            else:
-                for k in expected:
-                    yield self._failed_chunk(job, k)
-                return
         except Exception as exc:  # noqa: BLE001 - the status must say what happened, never UNKNOWN
             if self._draining.is_set():  # the pool is closing under us: not a failure of this request
                 self._reject(context, grpc.StatusCode.UNAVAILABLE,
@@ -226,10 +361,39 @@ class DegradeService:
             log.exception("stream of epoch %d failed", job.epoch)
             self._reject(context, grpc.StatusCode.INTERNAL, f"the server failed while making batches: {exc}")
         finally:
-            produced.close()
+            stop.set()
+            with cond:
+                cond.notify_all()
         if self._draining.is_set():
             self._reject(context, grpc.StatusCode.UNAVAILABLE,
                          "this server is shutting down; ask another server for the batches not yet received")
+
+    @staticmethod
+    def _offer(stream: _Stream, msg: pb.PairChunk) -> Iterator[pb.PairChunk]:
+        """Yield one chunk; the idle watchdog sees it as offered until gRPC takes it (the generator resumes)."""
+        stream.offered_at = time.monotonic()
+        yield msg
+        stream.offered_at = None
+
+    def _watch_idle(self) -> None:
+        """Cancel streams whose client has not accepted a chunk for ``idle_stream_seconds``."""
+        limit = self.idle_stream_seconds
+        if limit <= 0:
+            return
+        while not self._closed.wait(min(1.0, limit / 4)):
+            now = time.monotonic()
+            with self._lock:
+                idle = [s for s in self._streams.values()
+                        if not s.cancelled and s.offered_at is not None and now - s.offered_at > limit]
+                for s in idle:
+                    s.cancelled = True
+            for s in idle:
+                self.metrics.idle_cancelled.inc()
+                log.warning("stream %d of %s: no chunk accepted for %.0f s; cancelled to free its slot",
+                            s.id, s.client, limit)
+                cancel_with_status(s.context, grpc.StatusCode.ABORTED,
+                                   f"stream idle for {limit:g} s: cancelled to free its slot "
+                                   "(the server's --idle-stream-seconds); ask again for the batches not received")
 
     def _failed_chunk(self, job: BatchJob, index: int) -> pb.PairChunk:
         reason = self.producer.failure_reason(job.epoch, index) or "unknown reason"

@@ -114,3 +114,58 @@ def make_server(photo_dir, service_cfg_file):
     yield make
     for srv in started:
         srv.stop_now()
+
+
+@pytest.fixture(scope="session")
+def big_photo_dir(tmp_path_factory) -> Path:
+    """64 patches of real photographs (upscaled to 1440x1440): one epoch is far more than transport buffers hold."""
+    import skimage.data as d
+
+    root = tmp_path_factory.mktemp("big")
+    for i, name in enumerate(("astronaut", "coffee", "chelsea", "rocket")):
+        img = Image.fromarray(getattr(d, name)()).resize((1440, 1440), Image.Resampling.BICUBIC)
+        img.save(root / f"{i}_{name}.png")
+    return root
+
+
+@pytest.fixture()
+def server_process(photo_dir, service_cfg_file):
+    """Start ``python -m server serve`` processes on port 0 (``server_process(*flags)`` -> (Popen, address)),
+    each in a session of its own; at teardown every one is killed with its whole group (worker processes
+    too), and continued first in case a test stopped it."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    procs = []
+
+    def start(*extra: str) -> tuple[subprocess.Popen, str]:
+        cmd = [sys.executable, "-m", "server", "serve", "--images", str(photo_dir), "--config",
+               str(service_cfg_file), "--host", "127.0.0.1", "--port", "0", "--workers", "1", "--device", "cpu",
+               *extra]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                start_new_session=True)
+        procs.append(proc)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            m = re.search(r"listening on port (\d+)", line)
+            if m:
+                return proc, f"127.0.0.1:{m.group(1)}"
+            if not line and proc.poll() is not None:
+                break
+        raise RuntimeError("server did not start")
+
+    yield start
+    for proc in procs:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        proc.wait(10)
+        if proc.stdout:
+            proc.stdout.close()

@@ -133,7 +133,7 @@ def kill_group(proc: subprocess.Popen) -> None:
 def test_sigkill_one_of_two_servers_mid_epoch_loses_and_duplicates_nothing(photo_dir, service_cfg_file):
     (pa, a), (pb_, b) = spawn_server(photo_dir, service_cfg_file), spawn_server(photo_dir, service_cfg_file)
     try:
-        client = DegradeClient([a, b], group_size=1, streams_per_server=1, queue_batches=1, give_up_after=60)
+        client = DegradeClient([a, b], group_size=1, streams_per_server=1, queue_batches=1, unreachable_timeout=60)
         n = client.num_batches(SEED, 1)
         got, killed = [], False
         for batch in client.epoch(SEED, 1):
@@ -154,7 +154,7 @@ def test_sigkill_one_of_two_servers_mid_epoch_loses_and_duplicates_nothing(photo
 
 
 def test_all_servers_gone_is_a_clear_error():
-    client = DegradeClient(["127.0.0.1:1"], give_up_after=2)
+    client = DegradeClient(["127.0.0.1:1"], unreachable_timeout=2)
     with pytest.raises(DegradeError, match="no server answered"):
         client.info()
 
@@ -254,7 +254,7 @@ def test_request_overrides_change_the_degradation_within_limits(make_server):
 
 
 def test_stream_limit_gives_resource_exhausted(make_server):
-    srv, address = make_server(max_streams=1)
+    srv, address = make_server(max_streams=1, max_waiting_streams=0)  # no queue: refused at once
     stub = stub_for(address)
     first = stub.StreamBatches(pb.BatchRequest(seed=1, index_range=pb.IndexRange(start=0, stop=3),
                                                include_hr=True, max_chunk_bytes=1))
@@ -408,7 +408,7 @@ def test_tls_with_a_self_signed_certificate(make_server, tmp_path):
     with DegradeClient(f"localhost:{port}", tls=TLS(ca=cert), token="tls-tok") as client:
         assert client.info().num_images == 5
         assert len(next(iter(client.epoch(SEED, 0, indices=[0]))).lr) >= 1
-    with DegradeClient(f"localhost:{port}", token="tls-tok", give_up_after=3) as plain:
+    with DegradeClient(f"localhost:{port}", token="tls-tok", unreachable_timeout=3) as plain:
         with pytest.raises(DegradeError):  # plaintext against a TLS port
             plain.info(timeout=3)
 
