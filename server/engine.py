@@ -239,14 +239,14 @@ class Engine:
         with self._stage("noise1"):
             out = self._noise(out, p.noise1, noise_gen)
         with self._stage("jpeg1"):  # qualities stay on the CPU: the JPEG code reads them there
-            out = jpeg.jpeg_roundtrip(out.clamp(0, 1), p.jpeg1_quality, impl=self.jpeg_impl)
+            # in place: the noise output is this function's own (already clamped) tensor; no 4-byte copy
+            out = jpeg.jpeg_roundtrip(out.clamp_(0, 1), p.jpeg1_quality, impl=self.jpeg_impl)
         with self._stage("blur2"):
             if bool(p.blur2.any()):
                 idx = p.blur2.nonzero().flatten()
                 dev_idx = idx.to(out.device)
                 sub = self._blur(out[dev_idx], select_patches(p.kernel2, idx))
-                out = out.clone()
-                out[dev_idx] = sub
+                out[dev_idx] = sub  # in place: the JPEG output is this function's own tensor
         with self._stage("resize2"):
             if cfg.resize2_relative_to_current:
                 size = [max(2, int(s * p.resize2.scale)) for s in out.shape[-2:]]

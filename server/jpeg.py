@@ -68,11 +68,18 @@ def from_uint8(u8: torch.Tensor, dtype: torch.dtype = torch.float32, out: torch.
     if u8.dtype != torch.uint8:
         raise ValueError(f"expected a uint8 tensor, got {u8.dtype}")
     table = _u8_table(dtype, u8.device)
-    idx = u8.reshape(-1).to(torch.int32)
     if out is None:
-        return torch.index_select(table, 0, idx).reshape(u8.shape)
-    torch.index_select(table, 0, idx, out=out.view(-1))
+        out = torch.empty(u8.shape, dtype=dtype, device=u8.device)
+    flat, dest = u8.reshape(-1), out.view(-1)
+    # in slices, so the int32 indices never take 4 bytes per value of a whole HR chunk at once
+    for lo in range(0, flat.numel(), _FROM_U8_SLICE):
+        hi = min(lo + _FROM_U8_SLICE, flat.numel())
+        torch.index_select(table, 0, flat[lo:hi].to(torch.int32), out=dest[lo:hi])
     return out
+
+
+#: values converted per index_select in :func:`from_uint8` (16 MB of int32 indices)
+_FROM_U8_SLICE = 1 << 22
 
 
 def _qualities(quality, n: int) -> list[float]:
