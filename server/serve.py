@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -33,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 from client.protocol import degrade_pb2 as pb
 
 from .config import PROFILES, ConfigError, DegradationConfig
+from .fingerprint import dataset_digests, fingerprint
 from .images import ImageFolder
 from .pool import BatchProducer, default_workers
 from .requests import MAX_CHUNK_BYTES
@@ -160,6 +162,10 @@ def create_server(config: ServerConfig) -> tuple[DegradeServer, int]:
         root = ensure_sample_data(progress=False)
     folder = ImageFolder(root, cfg.patch_size)
     log.info("images: %s - %d usable, %d skipped", root, len(folder.images), len(folder.skipped))
+    t0 = time.perf_counter()
+    dataset_files = dataset_digests(root, folder.images)
+    log.info("dataset fingerprint %s (blake2b of %d files, %.1f s)", fingerprint(dataset_files)[:16],
+             len(dataset_files), time.perf_counter() - t0)
     device = config.resolved_device()
     backend, backend_names = None, ["software"]
     if device != "cpu" or config.codec_backend not in ("auto", "software"):
@@ -170,7 +176,8 @@ def create_server(config: ServerConfig) -> tuple[DegradeServer, int]:
         backend_names = sorted(plan.backends_used)
     producer = BatchProducer(folder, cfg, workers=config.workers, device=device, backend=backend)
     service = DegradeService(producer, dataset_name=Path(root).name, max_streams=config.max_streams,
-                             max_video_batch=config.max_video_batch, codec_backends=backend_names)
+                             max_video_batch=config.max_video_batch, codec_backends=backend_names,
+                             dataset_files=dataset_files)
 
     interceptors = []
     if config.token:
