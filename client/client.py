@@ -22,6 +22,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from itertools import count
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import grpc
@@ -48,6 +49,18 @@ class DegradeError(RuntimeError):
         self.code = code
 
 
+class LocalError(DegradeError):
+    """A failure on the client's side (its dataset copy, local sharpening): no other server can help."""
+
+
+class DatasetMismatchError(LocalError):
+    """The local copy of the dataset differs from the server's (``files`` names the files that differ)."""
+
+    def __init__(self, message: str, files: Sequence[str] = ()):
+        super().__init__(message)
+        self.files = list(files)
+
+
 @dataclass
 class VideoBatch:
     """One video batch as received: uint8 NHWC arrays and one record per patch."""
@@ -61,6 +74,8 @@ class VideoBatch:
     records: list[dict[str, Any]]
     patch_ids: list[str]
     server: str = ""
+    dataset_fingerprint: str = ""  # of the server that made it
+    wire_bytes: int = 0  # bytes of the chunk messages received for it
 
     def __len__(self) -> int:
         return len(self.patch_ids)
@@ -70,7 +85,7 @@ class VideoBatch:
 class ClientStats:
     batches: int = 0
     pairs: int = 0
-    bytes: int = 0
+    bytes: int = 0  # received: the chunk messages (tensors, records, ids) as they came off the wire
     retries: int = 0
     per_server: dict[str, int] = field(default_factory=dict)
 
@@ -93,6 +108,8 @@ class _Assembly:
             raise DegradeError(f"batch {self.index}: a chunk without LR")
         self.ids: list[str] = []
         self.records: list[str] = []
+        self.fingerprint = first.dataset_fingerprint
+        self.wire_bytes = 0
 
     def add(self, chunk: pb.PairChunk) -> bool:
         if chunk.first_patch != self.filled or chunk.batch_size != self.size:
@@ -111,6 +128,7 @@ class _Assembly:
         self.ids.extend(chunk.patch_ids)
         self.records.extend(chunk.records_json)
         self.filled += n
+        self.wire_bytes += chunk.ByteSize()
         return chunk.last_chunk
 
     def build(self, seed: int, epoch: int, server: str) -> VideoBatch:
@@ -119,7 +137,8 @@ class _Assembly:
                                f"{len(self.records)} records, announced {self.size}")
         records = [json.loads(r) for r in self.records]
         a = self.arrays
-        return VideoBatch(seed, epoch, self.index, a["lr"], a.get("hr"), a.get("hr_usm"), records, self.ids, server)
+        return VideoBatch(seed, epoch, self.index, a["lr"], a.get("hr"), a.get("hr_usm"), records, self.ids, server,
+                          self.fingerprint, self.wire_bytes)
 
 
 class DegradeClient:
@@ -128,12 +147,23 @@ class DegradeClient:
     ``addresses``: one or several ``host:port`` (or ``dns:///name:port``) strings.
     ``token``: the bearer token of the servers, if they need one.  ``tls``: None
     (plaintext), True (system CAs), a CA certificate path or :class:`TLS`.
+
+    ``wire`` (see :mod:`client.wire`): ``"full"`` - LR, HR and the sharpened HR
+    come from the server; ``"lr-hr"`` - LR and HR come, the sharpened HR is made
+    here (on ``sharpen_device``, byte-identical to the server's on the CPU);
+    ``"lr"`` - LR and the records come, HR is cut here from ``hr_root`` (checked
+    against the server's dataset fingerprint before the first batch) and
+    sharpened here.  ``sharpen_device=None`` leaves ``hr_usm`` empty for a caller
+    that sharpens on its own device (``client.wire.Sharpener.targets``).
     """
 
     def __init__(self, addresses: str | Sequence[str], *, token: str | None = None,
                  tls: TLS | bool | str | None = None, streams_per_server: int = 2, group_size: int = 2,
                  include_hr: bool = True, include_hr_usm: bool = True, config_overrides: dict | None = None,
-                 give_up_after: float = 60.0, queue_batches: int | None = None):
+                 give_up_after: float = 60.0, queue_batches: int | None = None, wire: str = "full",
+                 hr_root: str | Path | None = None, sharpen_device: str | None = "cpu"):
+        from .wire import check_wire, wire_flags
+
         if isinstance(addresses, str):
             addresses = [a for a in addresses.split(",") if a.strip()]
         if not addresses:
@@ -144,8 +174,15 @@ class DegradeClient:
         self._metadata = auth_metadata(token)
         self.streams_per_server = max(1, int(streams_per_server))
         self.group_size = max(1, int(group_size))
-        self.include_hr = include_hr
-        self.include_hr_usm = include_hr_usm
+        self.wire = check_wire(wire, hr_root)
+        self.hr_root = Path(hr_root) if hr_root is not None else None
+        self.sharpen_device = sharpen_device
+        #: the sharpened HR is made here (wire modes lr-hr and lr)
+        self.local_usm = wire != "full" and include_hr_usm and sharpen_device is not None
+        # what the requests ask for
+        self.include_hr, self.include_hr_usm = (include_hr, include_hr_usm) if wire == "full" else wire_flags(wire)
+        self._side: Any = None  # client.wire.WireSide, made by prepare()
+        self._side_lock = threading.Lock()
         self.config_overrides_json = json.dumps(config_overrides) if config_overrides else ""
         self.give_up_after = give_up_after
         self.queue_batches = queue_batches or max(2, len(self.addresses) * self.streams_per_server)
@@ -155,13 +192,16 @@ class DegradeClient:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------
-    def info(self, seed: int = 0, epoch: int = 0, timeout: float = 10.0) -> pb.ServerInfo:
-        """The ``ServerInfo`` of the first server that answers (for this seed/epoch/config)."""
+    def info(self, seed: int = 0, epoch: int = 0, timeout: float = 10.0, *,
+             dataset_files: bool = False) -> pb.ServerInfo:
+        """The ``ServerInfo`` of the first server that answers (for this seed/epoch/config;
+        ``dataset_files``: with the per-file dataset fingerprint)."""
         errors = []
         for address, stub in self._stubs.items():
             try:
                 return stub.GetInfo(pb.InfoRequest(seed=seed, epoch=epoch,
-                                                   config_overrides_json=self.config_overrides_json),
+                                                   config_overrides_json=self.config_overrides_json,
+                                                   include_dataset_files=dataset_files),
                                     metadata=self._metadata, timeout=timeout)
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE:
@@ -171,6 +211,22 @@ class DegradeClient:
 
     def num_batches(self, seed: int, epoch: int) -> int:
         return int(self.info(seed, epoch).batches_per_epoch)
+
+    def prepare(self) -> Any:
+        """Get ready for the wire mode once (done before the first batch of any run): the server's
+        degradation config, and in mode 'lr' the check of the local dataset copy against the server's
+        fingerprint (:class:`DatasetMismatchError` naming the files that differ). Returns the
+        ``client.wire.WireSide``."""
+        with self._side_lock:
+            if self._side is None:
+                from .wire import WireSide
+
+                self._side = WireSide.connect(self)
+            return self._side
+
+    def degradation_config(self) -> Any:
+        """The ``server.config.DegradationConfig`` the servers make this client's batches with."""
+        return self.prepare().cfg
 
     # ------------------------------------------------------------------
     def epoch(self, seed: int, epoch: int, *, indices: Sequence[int] | None = None,
@@ -202,7 +258,8 @@ class DegradeClient:
     def jobs(self, seed: int, jobs: Iterable[tuple[int, int]], *, ordered: bool = False) -> Iterator[VideoBatch]:
         """The video batches named by ``(epoch, index)`` pairs (a list or an endless iterator), each
         exactly once; ``ordered`` keeps the order of ``jobs``."""
-        run = _Run(self, seed, iter(jobs))
+        side = self.prepare() if self.wire != "full" else None  # e.g. the local copy is checked first
+        run = _Run(self, seed, iter(jobs), side)
         try:
             if not ordered:
                 for item in run.results():
@@ -255,8 +312,9 @@ class _Run:
     across epoch boundaries.  Jobs come from an iterator (possibly endless), pulled only when a
     stream is free: at most streams x group_size jobs are requested ahead of the consumer."""
 
-    def __init__(self, client: DegradeClient, seed: int, jobs: Iterator[tuple[int, int]]):
+    def __init__(self, client: DegradeClient, seed: int, jobs: Iterator[tuple[int, int]], side: Any = None):
         self.client, self.seed = client, seed
+        self.side = side  # client.wire.WireSide: what the wire mode leaves to this side
         self._jobs = jobs
         self._peek: tuple[int, int] | None = None
         self.exhausted = False
@@ -415,6 +473,10 @@ class _Run:
                 self._put_back(group)
                 self.stopping.wait(backoff)  # let the other servers take the group first
                 backoff = min(backoff * 2, 5.0)
+            except LocalError as exc:  # this side's dataset copy or sharpening: no server can help
+                call.cancel()
+                self._fatal(exc)
+                return
             except DegradeError as exc:  # a malformed reply: treat the server as broken
                 log.error("%s: %s; re-requesting elsewhere", address, exc)
                 self._put_back(group)
@@ -439,6 +501,8 @@ class _Run:
             if current.add(chunk):
                 batch = current.build(self.seed, epoch, address)
                 current = None
+                if self.side is not None:  # wire modes lr-hr, lr: HR and/or the sharpened HR made here
+                    batch = self.side.complete(batch)
                 self._done(epoch, batch.index, batch, None)
 
     def _done(self, epoch: int, index: int, batch: VideoBatch | None, error: str | None) -> None:
@@ -459,7 +523,6 @@ class _Run:
             s = client.stats
             s.batches += 1
             s.pairs += len(batch)
-            s.bytes += batch.lr.nbytes + (batch.hr.nbytes if batch.hr is not None else 0) + (
-                batch.hr_usm.nbytes if batch.hr_usm is not None else 0)
+            s.bytes += batch.wire_bytes
             s.per_server[batch.server] = s.per_server.get(batch.server, 0) + len(batch)
         self._emit(batch)
