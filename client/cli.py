@@ -2,11 +2,20 @@
 
     degrade-client --server localhost:50051 --pairs 1000 --out sheet.png
     degrade-client --server a:50051 --server b:50051 --token-file token.txt --pairs 5000
+    degrade-client --server gpu-box:50051 --wire lr-hr --json lr-hr.json      # LR + HR, sharpened here
+    degrade-client --server gpu-box:50051 --wire lr --hr-root /data/hr       # LR + records, HR cut here
+
+Wire modes (what crosses the network per 360 -> 90 pair):
+  full    LR + HR + sharpened HR from the server (~800 kB)
+  lr-hr   LR + HR (~415 kB); the sharpened HR is made here with the server's USM (--device)
+  lr      LR + records (~26 kB); HR is cut here from --hr-root, your copy of the server's image
+          folder (checked against the server's dataset fingerprint first), and sharpened here
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -32,7 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", type=Path, default=None, help="use TLS, trusting this PEM CA certificate")
     p.add_argument("--tls", action="store_true", help="use TLS with the system's CA certificates")
     p.add_argument("--streams", type=int, default=2, help="concurrent streams per server (default %(default)s)")
-    p.add_argument("--no-hr-usm", action="store_true", help="do not fetch the sharpened HR target")
+    p.add_argument("--wire", choices=("full", "lr-hr", "lr"), default=None,
+                   help="what the server sends (see above; default: lr with --hr-root, else full)")
+    p.add_argument("--hr-root", type=Path, default=None,
+                   help="--wire lr: this machine's copy of the server's image folder (same names and bytes)")
+    p.add_argument("--device", default="auto",
+                   help="where the sharpened HR is made in --wire lr-hr/lr: auto (cuda if available), cpu, cuda")
+    p.add_argument("--no-hr-usm", action="store_true", help="no sharpened HR target (neither fetched nor made)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the figures (wire, pairs, pairs/s, bytes received, bytes per pair, ...) as JSON")
     p.add_argument("--out", type=Path, default=None, help="write a preview sheet (PNG) of the first pairs")
     p.add_argument("--preview-pairs", type=int, default=16, help="pairs on the sheet (default %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -49,14 +66,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.pairs < 1:
         print("degrade-client: error: --pairs must be at least 1", file=sys.stderr)
         return 2
+    wire = args.wire or ("lr" if args.hr_root is not None else "full")
+    try:
+        from .wire import check_wire, resolve_device
+
+        check_wire(wire, args.hr_root)
+        device = str(resolve_device(args.device))
+    except ValueError as exc:
+        print(f"degrade-client: error: {exc}", file=sys.stderr)
+        return 2
     client = DegradeClient(servers, token=token, tls=tls, streams_per_server=args.streams,
-                           include_hr_usm=not args.no_hr_usm)
+                           include_hr_usm=not args.no_hr_usm, wire=wire, hr_root=args.hr_root, sharpen_device=device)
     preview: list = []
     try:
         info = client.info(args.seed, args.epoch)
         print(f"{info.dataset_name}: {info.patches_per_epoch} patches in {info.batches_per_epoch} video batches "
               f"per epoch, x{info.scale} ({info.hr_patch_size} -> {info.lr_patch_size}), device {info.device}, "
               f"backends {', '.join(info.codec_backends)}")
+        if wire != "full":
+            client.prepare()  # the server's config; in --wire lr the check of --hr-root, before the clock starts
         from tqdm import tqdm
 
         t0 = time.perf_counter()
@@ -79,9 +107,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         client.close()
     s = client.stats
+    from .wire import DESCRIPTIONS
+
+    print(f"wire {wire}: {DESCRIPTIONS[wire]}" + (f" (sharpening on {device})" if client.local_usm else ""))
     print(f"received {s.pairs} pairs in {s.batches} video batches in {dt:.2f} s: {s.pairs / dt:.1f} pairs/s, "
-          f"{s.bytes / dt / 1e6:.1f} MB/s; retries {s.retries}; per server: "
-          + ", ".join(f"{a} {n}" for a, n in sorted(s.per_server.items())))
+          f"{s.bytes / dt / 1e6:.1f} MB/s, {s.bytes} bytes ({s.bytes / max(s.pairs, 1) / 1e3:.1f} kB per pair); "
+          f"retries {s.retries}; per server: " + ", ".join(f"{a} {n}" for a, n in sorted(s.per_server.items())))
+    if args.json is not None:
+        figures = {"wire": wire, "servers": servers, "sharpen_device": device if client.local_usm else None,
+                   "pairs": s.pairs, "batches": s.batches, "seconds": dt, "pairs_per_s": s.pairs / dt,
+                   "bytes_received": s.bytes, "bytes_per_pair": s.bytes / max(s.pairs, 1),
+                   "mb_per_s": s.bytes / dt / 1e6,
+                   "retries": s.retries, "per_server": s.per_server, "failed_batches": len(client.failures)}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"figures: {args.json}")
     if client.failures:
         print(f"{len(client.failures)} batch(es) could not be made by the server: {client.failures[:3]}")
     if args.out is not None and preview:

@@ -92,6 +92,8 @@ class DigestCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
             with self._lock:
+                # files that are gone (a deleted test folder, a moved dataset) leave the cache
+                self._entries = {k: v for k, v in self._entries.items() if os.path.exists(k)}
                 tmp.write_text(json.dumps({"version": 1, "files": self._entries}))
                 self._dirty = False
             os.replace(tmp, self.path)  # atomic: concurrent writers never leave a torn file
