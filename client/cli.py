@@ -75,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"degrade-client: error: {exc}", file=sys.stderr)
         return 2
+    if wire != "full" and device == "cpu":
+        # the local work (USM, HR crops) runs in the stream threads, in parallel; one torch thread each is
+        # much faster than each call starting a team of threads on the same cores (5-15x here, under load)
+        import torch
+
+        torch.set_num_threads(1)
     client = DegradeClient(servers, token=token, tls=tls, streams_per_server=args.streams,
                            include_hr_usm=not args.no_hr_usm, wire=wire, hr_root=args.hr_root, sharpen_device=device)
     preview: list = []
@@ -88,10 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         from tqdm import tqdm
 
         t0 = time.perf_counter()
-        got = 0
+        got = batches = nbytes = 0  # what this loop took (the client may hold a few more batches in its queue)
         with tqdm(total=args.pairs, unit="pair", disable=None) as bar:
             for batch in client.epochs(args.seed, args.epoch):
                 got += len(batch)
+                batches += 1
+                nbytes += batch.wire_bytes
                 bar.update(min(len(batch), args.pairs - bar.n))
                 for i in range(len(batch)):
                     if len(preview) < args.preview_pairs:
@@ -110,14 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     from .wire import DESCRIPTIONS
 
     print(f"wire {wire}: {DESCRIPTIONS[wire]}" + (f" (sharpening on {device})" if client.local_usm else ""))
-    print(f"received {s.pairs} pairs in {s.batches} video batches in {dt:.2f} s: {s.pairs / dt:.1f} pairs/s, "
-          f"{s.bytes / dt / 1e6:.1f} MB/s, {s.bytes} bytes ({s.bytes / max(s.pairs, 1) / 1e3:.1f} kB per pair); "
+    print(f"received {got} pairs in {batches} video batches in {dt:.2f} s: {got / dt:.1f} pairs/s, "
+          f"{nbytes / dt / 1e6:.1f} MB/s, {nbytes} bytes ({nbytes / max(got, 1) / 1e3:.1f} kB per pair); "
           f"retries {s.retries}; per server: " + ", ".join(f"{a} {n}" for a, n in sorted(s.per_server.items())))
     if args.json is not None:
         figures = {"wire": wire, "servers": servers, "sharpen_device": device if client.local_usm else None,
-                   "pairs": s.pairs, "batches": s.batches, "seconds": dt, "pairs_per_s": s.pairs / dt,
-                   "bytes_received": s.bytes, "bytes_per_pair": s.bytes / max(s.pairs, 1),
-                   "mb_per_s": s.bytes / dt / 1e6,
+                   "pairs": got, "batches": batches, "seconds": dt, "pairs_per_s": got / dt,
+                   "bytes_received": nbytes, "bytes_per_pair": nbytes / max(got, 1), "mb_per_s": nbytes / dt / 1e6,
                    "retries": s.retries, "per_server": s.per_server, "failed_batches": len(client.failures)}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

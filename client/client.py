@@ -154,7 +154,9 @@ class DegradeClient:
     ``"lr"`` - LR and the records come, HR is cut here from ``hr_root`` (checked
     against the server's dataset fingerprint before the first batch) and
     sharpened here.  ``sharpen_device=None`` leaves ``hr_usm`` empty for a caller
-    that sharpens on its own device (``client.wire.Sharpener.targets``).
+    that sharpens on its own device (``client.wire.Sharpener.targets``).  The local
+    work runs in the stream threads, in parallel; on the CPU, ``torch.set_num_threads(1)``
+    in the process is fastest (DataLoader workers have it already).
     """
 
     def __init__(self, addresses: str | Sequence[str], *, token: str | None = None,
