@@ -13,7 +13,7 @@ out, so no packet leaves them), both ends shaped with ``tc`` tbf to each rate
 
 Next to them, the engine's own pairs/s in-process on the same machine (same
 images, same batches, all cores), with and without the sharpened HR.  Each run
-is bounded (``--pairs``, ``--timeout``).  The namespaces are always removed,
+is bounded (``--pairs``, ``--seconds``, ``--timeout``).  The namespaces are always removed,
 on error and on Ctrl-C too.  Needs root and ``ip``/``tc`` (iproute2:
 ``apt-get install -y iproute2``); elsewhere it says why and exits 0.  CI does
 not run it.
@@ -158,14 +158,18 @@ def server_in(net: Link, images: Path, workers: int | None, cfg_file: Path | Non
             proc.wait(10)
 
 
-def pull(net: Link, mode: str, pairs: int, images: Path, timeout: float, streams: int) -> dict:
-    """One bounded degrade-client run in the client namespace; its --json figures."""
+def pull(net: Link, mode: str, pairs: int, images: Path, timeout: float, streams: int,
+         seconds: float | None = None) -> dict:
+    """One bounded degrade-client run in the client namespace (``pairs``, or the first whole batch after
+    ``seconds``); its --json figures."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "figures.json"
         cmd = [sys.executable, "-m", "client.cli", "--server", f"{SERVER_IP}:{PORT}", "--wire", mode,
                "--pairs", str(pairs), "--device", "cpu", "--streams", str(streams), "--json", str(out)]
         if mode == "lr":
             cmd += ["--hr-root", str(images)]
+        if seconds is not None:
+            cmd += ["--seconds", str(seconds)]
         proc = subprocess.run(net.exec_cmd(net.ns_client, *cmd), capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, "TQDM_DISABLE": "1"})
         if proc.returncode != 0:
@@ -251,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rates", default="1gbit,10gbit", help="link rates, tc syntax (default %(default)s)")
     ap.add_argument("--modes", default=",".join(MODES), help="wire modes (default %(default)s)")
     ap.add_argument("--pairs", type=int, default=384, help="pairs per run (default %(default)s)")
+    ap.add_argument("--seconds", type=float, default=60,
+                    help="or stop a run at the first whole video batch after this long (default %(default)s)")
     ap.add_argument("--images", type=Path, default=None, help="HR images (default: the built-in sample photographs)")
     ap.add_argument("--config", type=Path, default=None, help="degradation config (default: the spec's)")
     ap.add_argument("--workers", type=int, default=None, help="server worker processes (default: one per core)")
@@ -291,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                 tcp = raw_tcp(net)
                 print(f"link {rate}: one plain TCP stream moves {tcp / 1e6:.0f} MB/s", flush=True)
                 for mode in modes:
-                    f = pull(net, mode, args.pairs, images, args.timeout, args.streams)
+                    f = pull(net, mode, args.pairs, images, args.timeout, args.streams, args.seconds)
                     f.update(rate=rate, raw_tcp_bytes_per_s=tcp)
                     results["runs"].append(f)
                     print(f"  {mode:<6} {f['pairs_per_s']:8.1f} pairs/s {f['mb_per_s']:8.1f} MB/s "

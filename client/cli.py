@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server address host:port or dns:///name:port; repeat for several "
                         "(default: $DEGRADE_SERVER or localhost:50051)")
     p.add_argument("--pairs", type=int, default=1000, help="pairs to pull (default %(default)s), across epochs")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="stop at the first whole video batch after this many seconds, even before --pairs")
     p.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
     p.add_argument("--epoch", type=int, default=0, help="first epoch (default 0)")
     tok = p.add_mutually_exclusive_group()
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 for i in range(len(batch)):
                     if len(preview) < args.preview_pairs:
                         preview.append((batch.hr[i], batch.lr[i], batch.records[i]))
-                if got >= args.pairs:
+                if got >= args.pairs or (args.seconds is not None and time.perf_counter() - t0 >= args.seconds):
                     break
         dt = time.perf_counter() - t0
     except DegradeError as exc:

@@ -229,7 +229,7 @@ class Trainer:
             from client.wire import DESCRIPTIONS
 
             mode = cfg.wire_mode()
-            where = "" if mode == "full" else f" (sharpened on {self.device})"
+            where = "" if mode == "full" else f" (on {self.device})"
             log.info("data from %s, wire %s: %s%s", ", ".join(cfg.servers), mode, DESCRIPTIONS[mode], where)
             # sharpen_device=None: the client leaves the sharpened HR to the training step, on this device
             return DegradeClient(list(cfg.servers), token=cfg.token, tls=cfg.tls_ca, wire=mode, hr_root=cfg.hr_root,

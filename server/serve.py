@@ -220,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(and the GPU with --device cuda) and streamed with backpressure.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Environment: DEGRADE_TOKEN or DEGRADE_TOKEN_FILE set the token when no flag does; "
-               "DEGRADE_SAMPLE_DIR is where the built-in sample photographs live.\n\n"
+               "DEGRADE_SAMPLE_DIR is where the built-in sample photographs live; DEGRADE_HASH_CACHE is the file "
+               "caching the dataset fingerprint's per-image hashes (default ~/.cache/vcisr-degrade/"
+               "file-hashes.json; 'off' to disable).\n\n"
                "Examples:\n  degrade-server                         # sample data, port 50051, all cores\n"
                "  degrade-server --images /data --token-file /run/secrets/degrade_token --metrics-port 9100",
     )
