@@ -281,6 +281,8 @@ class DegradeClient:
                     nxt += 1
         finally:
             run.stop()
+            if side is not None:  # local work (torch) in the stream threads must not outlive the run
+                run.join(timeout=60)
 
     def close(self) -> None:
         for ch in self._channels.values():
@@ -373,6 +375,12 @@ class _Run:
                 self.out.get_nowait()
             except queue.Empty:
                 break
+
+    def join(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s in all) for the stream threads to end after :meth:`stop`."""
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
 
     # ---- stream side ----
     def _pull(self) -> tuple[int, int] | None:

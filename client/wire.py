@@ -132,6 +132,9 @@ class LocalHR:
             raise DegradeError("the server publishes no dataset fingerprint (an older degrade-server), so a local "
                                "copy of its dataset cannot be checked; use wire mode 'lr-hr'")
         files = [FileDigest(f.name, int(f.size), f.blake2b, int(f.width), int(f.height)) for f in info.dataset_files]
+        outside = [f.name for f in files if Path(f.name).is_absolute() or ".." in Path(f.name).parts]
+        if outside:  # names are relative to the image folder; nothing outside hr_root is ever read
+            raise DegradeError(f"the server names a dataset file outside its folder: {outside[0]!r}")
         if fingerprint(files) != info.dataset_fingerprint:
             raise DegradeError("the server's dataset file list does not match its own fingerprint")
         try:

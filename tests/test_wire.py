@@ -49,6 +49,8 @@ def _flip_byte(path, offset=None) -> None:
 
 # --- the fingerprint ---------------------------------------------------------
 def test_digests_hash_the_bytes_and_the_cache_notices_changes(hr_copy, tmp_path):
+    for path in hr_copy.iterdir():
+        os.utime(path)  # modified just now (the copy keeps the originals' times)
     cfg = DegradationConfig()
     images = ImageFolder(hr_copy, cfg.patch_size).images
     cache_file = tmp_path / "hashes.json"
