@@ -72,12 +72,16 @@ class Link:
         self.dev_server, self.dev_client = f"dgws{tag}", f"dgwc{tag}"  # <= 15 characters
         self._made: list[str] = []
 
-    def open(self) -> "Link":
+    @staticmethod
+    def preflight() -> None:
         if os.geteuid() != 0:
             raise Skip("needs root (network namespaces, veth, tc)")
         for tool in ("ip", "tc"):
             if shutil.which(tool) is None:
                 raise Skip(f"`{tool}` not found: apt-get install -y iproute2")
+
+    def open(self) -> "Link":
+        self.preflight()
         for ns in (self.ns_server, self.ns_client):
             proc = _run("ip", "netns", "add", ns, check=False)
             if proc.returncode != 0:
@@ -285,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                "commit": _commit(), "cores": os.cpu_count(), "platform": platform.platform(), "pairs": args.pairs,
                "images": str(images), "runs": []}
     try:
+        Link.preflight()
         print(f"engine in-process ({args.pairs} pairs per figure) ...", flush=True)
         results.update(engine_rates(images, args.config, args.workers, args.pairs))
         print(f"  engine: {results['engine_full']:.1f} pairs/s with the sharpened HR, "
