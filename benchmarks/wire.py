@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     def on_term(signum, _frame):  # SIGTERM like Ctrl-C: the finally blocks remove the namespaces
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)
+    previous = signal.signal(signal.SIGTERM, on_term)
     results = {"command": "python -m benchmarks.wire " + " ".join(argv if argv is not None else sys.argv[1:]),
                "commit": _commit(), "cores": os.cpu_count(), "platform": platform.platform(), "pairs": args.pairs,
                "images": str(images), "runs": []}
@@ -314,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: namespaces removed", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print()
     print(table(results))
     if args.json is not None:

@@ -263,3 +263,19 @@ def test_grl_train_wire_errors_are_clear(make_server, hr_copy, tmp_path, capsys)
     assert main(["--out", str(tmp_path / "c"), *base, "--hr-root", str(hr_copy)]) == 1
     err = capsys.readouterr().err
     assert "astronaut.png: different content" in err and "Traceback" not in err
+
+
+def test_wire_benchmark_skips_cleanly_without_iproute2(monkeypatch, photo_dir, capsys):
+    import benchmarks.wire as bench
+
+    assert bench._rate_bits("10gbit") == 1e10 and bench._rate_bits("20mbit") == 2e7
+    with pytest.raises(ValueError, match="1gbit"):
+        bench._rate_bits("fast")
+    monkeypatch.setattr(bench.shutil, "which", lambda name: None)
+    assert bench.main(["--rates", "1gbit", "--images", str(photo_dir)]) == 0
+    assert "skipped: `ip` not found: apt-get install -y iproute2" in capsys.readouterr().out
+    row = {"wire": "lr", "rate": "1gbit", "raw_tcp_bytes_per_s": 1.19e8, "pairs_per_s": 12.5, "mb_per_s": 0.3,
+           "bytes_per_pair": 25200.0}
+    text = bench.table({"runs": [row], "engine_full": 14.0, "engine_no_usm": 22.0})
+    assert text.splitlines()[-1] == ("| 1gbit (TCP 119 MB/s) | lr: LR + records, HR + USM on the client | 12.5 | 0.3 "
+                                     "| 25.2 | 22.0 |")
