@@ -1,13 +1,16 @@
 """Trainer-side library of the degradation service.
 
 ``DegradeClient`` pulls video batches from one or many ``degrade-server``s,
-``ShuffleBuffer`` turns them into training batches, ``DegradeDataset`` wraps
-both as a torch ``IterableDataset``; ``client.protocol`` is the generated gRPC
-code of ``proto/degrade/v1/degrade.proto``.
+``client.wire`` makes here what a lean wire mode leaves out (HR cut from a
+local dataset copy, the sharpened HR), ``ShuffleBuffer`` turns them into
+training batches, ``DegradeDataset`` wraps both as a torch
+``IterableDataset``; ``client.protocol`` is the generated gRPC code of
+``proto/degrade/v1/degrade.proto``.
 """
 
-from .client import ClientStats, DegradeClient, DegradeError, VideoBatch
+from .client import ClientStats, DatasetMismatchError, DegradeClient, DegradeError, LocalError, VideoBatch
 from .connection import TLS
 from .shuffle import ShuffleBuffer, TrainingBatch
 
-__all__ = ["ClientStats", "DegradeClient", "DegradeError", "ShuffleBuffer", "TLS", "TrainingBatch", "VideoBatch"]
+__all__ = ["ClientStats", "DatasetMismatchError", "DegradeClient", "DegradeError", "LocalError", "ShuffleBuffer", "TLS",
+           "TrainingBatch", "VideoBatch"]

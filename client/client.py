@@ -39,6 +39,7 @@ from collections import deque
 from collections.abc import Sized
 from dataclasses import dataclass, field
 from itertools import count
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import grpc
@@ -72,6 +73,18 @@ class DegradeError(RuntimeError):
         self.code = code
 
 
+class LocalError(DegradeError):
+    """A failure on the client's side (its dataset copy, local sharpening): no other server can help."""
+
+
+class DatasetMismatchError(LocalError):
+    """The local copy of the dataset differs from the server's (``files`` names the files that differ)."""
+
+    def __init__(self, message: str, files: Sequence[str] = ()):
+        super().__init__(message)
+        self.files = list(files)
+
+
 @dataclass
 class VideoBatch:
     """One video batch as received: uint8 NHWC arrays and one record per patch."""
@@ -85,6 +98,8 @@ class VideoBatch:
     records: list[dict[str, Any]]
     patch_ids: list[str]
     server: str = ""
+    dataset_fingerprint: str = ""  # of the server that made it
+    wire_bytes: int = 0  # bytes of the chunk messages received for it
 
     def __len__(self) -> int:
         return len(self.patch_ids)
@@ -94,7 +109,7 @@ class VideoBatch:
 class ClientStats:
     batches: int = 0
     pairs: int = 0
-    bytes: int = 0
+    bytes: int = 0  # received: the chunk messages (tensors, records, ids) as they came off the wire
     retries: int = 0
     per_server: dict[str, int] = field(default_factory=dict)
 
@@ -117,6 +132,8 @@ class _Assembly:
             raise DegradeError(f"batch {self.index}: a chunk without LR")
         self.ids: list[str] = []
         self.records: list[str] = []
+        self.fingerprint = first.dataset_fingerprint
+        self.wire_bytes = 0
 
     def add(self, chunk: pb.PairChunk) -> bool:
         if chunk.first_patch != self.filled or chunk.batch_size != self.size:
@@ -135,6 +152,7 @@ class _Assembly:
         self.ids.extend(chunk.patch_ids)
         self.records.extend(chunk.records_json)
         self.filled += n
+        self.wire_bytes += chunk.ByteSize()
         return chunk.last_chunk
 
     def build(self, seed: int, epoch: int, server: str) -> VideoBatch:
@@ -143,7 +161,8 @@ class _Assembly:
                                f"{len(self.records)} records, announced {self.size}")
         records = [json.loads(r) for r in self.records]
         a = self.arrays
-        return VideoBatch(seed, epoch, self.index, a["lr"], a.get("hr"), a.get("hr_usm"), records, self.ids, server)
+        return VideoBatch(seed, epoch, self.index, a["lr"], a.get("hr"), a.get("hr_usm"), records, self.ids, server,
+                          self.fingerprint, self.wire_bytes)
 
 
 class DegradeClient:
@@ -159,6 +178,16 @@ class DegradeClient:
     again every ``warn_after`` seconds).  ``health_interval``: ask a server's
     health after this many seconds without hearing from it.
     ``give_up_after`` is the old name of ``unreachable_timeout`` (deprecated).
+
+    ``wire`` (see :mod:`client.wire`): ``"full"`` - LR, HR and the sharpened HR
+    come from the server; ``"lr-hr"`` - LR and HR come, the sharpened HR is made
+    here (on ``sharpen_device``, byte-identical to the server's on the CPU);
+    ``"lr"`` - LR and the records come, HR is cut here from ``hr_root`` (checked
+    against the server's dataset fingerprint before the first batch) and
+    sharpened here.  ``sharpen_device=None`` leaves ``hr_usm`` empty for a caller
+    that sharpens on its own device (``client.wire.Sharpener.targets``).  The local
+    work runs in the stream threads, in parallel; on the CPU, ``torch.set_num_threads(1)``
+    in the process is fastest (DataLoader workers have it already).
     """
 
     def __init__(self, addresses: str | Sequence[str], *, token: str | None = None,
@@ -166,7 +195,10 @@ class DegradeClient:
                  include_hr: bool = True, include_hr_usm: bool = True, config_overrides: dict | None = None,
                  unreachable_timeout: float = DEFAULT_UNREACHABLE_TIMEOUT, warn_after: float = 60.0,
                  health_interval: float = 5.0, queue_batches: int | None = None,
-                 give_up_after: float | None = None):
+                 give_up_after: float | None = None, wire: str = "full",
+                 hr_root: str | Path | None = None, sharpen_device: str | None = "cpu"):
+        from .wire import check_wire, wire_flags
+
         if isinstance(addresses, str):
             addresses = [a for a in addresses.split(",") if a.strip()]
         if not addresses:
@@ -178,8 +210,15 @@ class DegradeClient:
         self._metadata = auth_metadata(token)
         self.streams_per_server = max(1, int(streams_per_server))
         self.group_size = max(1, int(group_size))
-        self.include_hr = include_hr
-        self.include_hr_usm = include_hr_usm
+        self.wire = check_wire(wire, hr_root)
+        self.hr_root = Path(hr_root) if hr_root is not None else None
+        self.sharpen_device = sharpen_device
+        #: the sharpened HR is made here (wire modes lr-hr and lr)
+        self.local_usm = wire != "full" and include_hr_usm and sharpen_device is not None
+        # what the requests ask for
+        self.include_hr, self.include_hr_usm = (include_hr, include_hr_usm) if wire == "full" else wire_flags(wire)
+        self._side: Any = None  # client.wire.WireSide, made by prepare()
+        self._side_lock = threading.Lock()
         self.config_overrides_json = json.dumps(config_overrides) if config_overrides else ""
         if give_up_after is not None:
             warnings.warn("DegradeClient(give_up_after=...) is now unreachable_timeout=... (seconds without any "
@@ -239,15 +278,18 @@ class DegradeClient:
         return "; ".join(parts)
 
     # ------------------------------------------------------------------
-    def info(self, seed: int = 0, epoch: int = 0, timeout: float = 10.0) -> pb.ServerInfo:
-        """The ``ServerInfo`` of the first server that answers (for this seed/epoch/config).
+    def info(self, seed: int = 0, epoch: int = 0, timeout: float = 10.0, *,
+             dataset_files: bool = False) -> pb.ServerInfo:
+        """The ``ServerInfo`` of the first server that answers (for this seed/epoch/config;
+        ``dataset_files``: with the per-file dataset fingerprint).
 
         ``timeout`` is per call; while no server answers the calls are retried with backoff, and
         :class:`DegradeError` is raised once no server has been reachable for ``unreachable_timeout`` s
         (a server that is only slow, SERVING but late, is waited for)."""
         start = time.monotonic()
         backoff = 0.2
-        request = pb.InfoRequest(seed=seed, epoch=epoch, config_overrides_json=self.config_overrides_json)
+        request = pb.InfoRequest(seed=seed, epoch=epoch, config_overrides_json=self.config_overrides_json,
+                                 include_dataset_files=dataset_files)
         while True:
             errors = []
             for address, stub in self._stubs.items():
@@ -276,6 +318,22 @@ class DegradeClient:
 
     def num_batches(self, seed: int, epoch: int) -> int:
         return int(self.info(seed, epoch).batches_per_epoch)
+
+    def prepare(self) -> Any:
+        """Get ready for the wire mode once (done before the first batch of any run): the server's
+        degradation config, and in mode 'lr' the check of the local dataset copy against the server's
+        fingerprint (:class:`DatasetMismatchError` naming the files that differ). Returns the
+        ``client.wire.WireSide``."""
+        with self._side_lock:
+            if self._side is None:
+                from .wire import WireSide
+
+                self._side = WireSide.connect(self)
+            return self._side
+
+    def degradation_config(self) -> Any:
+        """The ``server.config.DegradationConfig`` the servers make this client's batches with."""
+        return self.prepare().cfg
 
     # ------------------------------------------------------------------
     def epoch(self, seed: int, epoch: int, *, indices: Sequence[int] | None = None,
@@ -308,7 +366,8 @@ class DegradeClient:
         """The video batches named by ``(epoch, index)`` pairs (a list or an endless iterator), each
         exactly once; ``ordered`` keeps the order of ``jobs``."""
         total = len(jobs) if isinstance(jobs, Sized) else None
-        run = _Run(self, seed, iter(jobs), total)
+        side = self.prepare() if self.wire != "full" else None  # e.g. the local copy is checked first
+        run = _Run(self, seed, iter(jobs), total, side)
         try:
             if not ordered:
                 for item in run.results():
@@ -328,6 +387,8 @@ class DegradeClient:
                     nxt += 1
         finally:
             run.stop()
+            if side is not None:  # local work (torch) in the stream threads must not outlive the run
+                run.join(timeout=60)
 
     def close(self) -> None:
         for ch in self._channels.values():
@@ -361,8 +422,10 @@ class _Run:
     across epoch boundaries.  Jobs come from an iterator (possibly endless), pulled only when a
     stream is free: at most streams x group_size jobs are requested ahead of the consumer."""
 
-    def __init__(self, client: DegradeClient, seed: int, jobs: Iterator[tuple[int, int]], total: int | None = None):
+    def __init__(self, client: DegradeClient, seed: int, jobs: Iterator[tuple[int, int]], total: int | None = None,
+                 side: Any = None):
         self.client, self.seed = client, seed
+        self.side = side  # client.wire.WireSide: what the wire mode leaves to this side
         self._jobs = jobs
         self.total = total  # number of jobs, when known
         self._peek: tuple[int, int] | None = None
@@ -442,6 +505,12 @@ class _Run:
                 self.out.get_nowait()
             except queue.Empty:
                 break
+
+    def join(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s in all) for the stream threads to end after :meth:`stop`."""
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
 
     # ---- stream side ----
     def _pull(self) -> tuple[int, int] | None:
@@ -561,6 +630,10 @@ class _Run:
                                 [job for job in group if job in self.remaining])
                 self._put_back(group)
                 backoff = self._wait(backoff)  # let the other servers take the group first
+            except LocalError as exc:  # this side's dataset copy or sharpening: no server can help
+                call.cancel()
+                self._fatal(exc)
+                return
             except DegradeError as exc:  # a malformed reply: treat the server as broken
                 log.error("%s: %s; re-requesting elsewhere", address, exc)
                 self._put_back(group)
@@ -585,6 +658,8 @@ class _Run:
             if current.add(chunk):
                 batch = current.build(self.seed, epoch, address)
                 current = None
+                if self.side is not None:  # wire modes lr-hr, lr: HR and/or the sharpened HR made here
+                    batch = self.side.complete(batch)
                 self._done(epoch, batch.index, batch, None)
 
     def _done(self, epoch: int, index: int, batch: VideoBatch | None, error: str | None) -> None:
@@ -605,7 +680,6 @@ class _Run:
             s = client.stats
             s.batches += 1
             s.pairs += len(batch)
-            s.bytes += batch.lr.nbytes + (batch.hr.nbytes if batch.hr is not None else 0) + (
-                batch.hr_usm.nbytes if batch.hr_usm is not None else 0)
+            s.bytes += batch.wire_bytes
             s.per_server[batch.server] = s.per_server.get(batch.server, 0) + len(batch)
         self._emit(batch)

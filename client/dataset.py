@@ -4,6 +4,12 @@
     for lr, hr, hr_usm, records in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2):
         ...  # uint8 NCHW tensors; divide by 255 on the GPU
 
+``wire="lr-hr"`` (LR + HR over the network, the sharpened HR made in the
+worker) or ``wire="lr", hr_root=DIR`` (LR + records, HR cut from the local
+copy of the dataset) send many times fewer bytes (``client.wire``);
+``sharpen_device=None`` yields ``hr_usm=None`` for a training loop that
+sharpens on its GPU with ``client.wire.Sharpener(cfg, "cuda").targets(hr)``.
+
 Worker-aware: with ``num_workers`` DataLoader workers (and ``world_size``
 ranks), each worker streams its own shard of every epoch's video batches
 (indices ``shard, shard + shards, ...``), so together they see every patch of
@@ -44,7 +50,8 @@ class DegradeDataset(IterableDataset):
                  pool_size: int = 384, start_epoch: int = 0, epochs: int | None = None, token: str | None = None,
                  tls: Any = None, include_hr_usm: bool = True, pin_memory: bool = False, rank: int = 0,
                  world_size: int = 1, drop_last: bool = True, client_kwargs: dict | None = None,
-                 local_kwargs: dict | None = None):
+                 local_kwargs: dict | None = None, wire: str = "full", hr_root: str | None = None,
+                 sharpen_device: str | None = "cpu"):
         super().__init__()
         self.addresses = addresses
         self.seed, self.batch_size, self.pool_size = seed, batch_size, pool_size
@@ -56,6 +63,11 @@ class DegradeDataset(IterableDataset):
         self.drop_last = drop_last
         self.client_kwargs = client_kwargs or {}
         self.local_kwargs = local_kwargs or {}
+        self.wire, self.hr_root, self.sharpen_device = wire, hr_root, sharpen_device
+        if addresses is not None:
+            from .wire import check_wire
+
+            check_wire(wire, hr_root)  # a clear error now, not in a DataLoader worker
 
     def _shard(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -70,7 +82,8 @@ class DegradeDataset(IterableDataset):
         from .client import DegradeClient
 
         return DegradeClient(self.addresses, token=self.token, tls=self.tls, include_hr=True,
-                             include_hr_usm=self.include_hr_usm, **self.client_kwargs)
+                             include_hr_usm=self.include_hr_usm, wire=self.wire, hr_root=self.hr_root,
+                             sharpen_device=self.sharpen_device, **self.client_kwargs)
 
     def batches(self) -> Iterator[TrainingBatch]:
         """Training batches as numpy arrays (what ``__iter__`` turns into tensors)."""

@@ -33,6 +33,10 @@ class LocalSource:
         self.include_hr_usm = include_hr_usm
         self.failures: list[tuple[int, int, str]] = []
 
+    def degradation_config(self):
+        """The config the batches are made with (as ``DegradeClient.degradation_config``)."""
+        return self.cfg
+
     def num_batches(self, seed: int, epoch: int) -> int:
         return self.producer.plan(seed, epoch).num_batches
 

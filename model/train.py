@@ -1,7 +1,8 @@
 """``grl-train``: train GRL-small on degraded pairs (also ``python -m model.train``).
 
     grl-train --stage l1 --out runs/l1                          # in-process engine, sample data
-    grl-train --stage l1 --server gpu-box:50051 --out runs/l1   # from degrade-server(s)
+    grl-train --stage l1 --server gpu-box:50051 --out runs/l1   # from degrade-server(s): LR + HR, USM here
+    grl-train --server gpu-box:50051 --hr-root /data/hr --out runs/l1   # LR + records only, HR cut here
     grl-train --stage gan --init runs/l1/checkpoints/latest.pt --vgg-weights vgg19-dcbb9e9d.pth --out runs/gan
     grl-train --out runs/l1 --resume                            # continue exactly where it stopped
 
@@ -10,6 +11,11 @@ Stages (VCISR / Real-ESRGAN recipe):
 - ``gan``: from an L1 checkpoint; L1 + VGG-19 perceptual (conv1_2 .1, conv2_2 .1, conv3_4 1, conv4_4 1,
   conv5_4 1; weight 1) on the sharpened HR + 0.1 x GAN with a U-Net discriminator (spectral norm) that sees
   the plain HR; batch 6, lr 1e-4, halved every 20k.
+
+Over the network the trainer asks for as little as its flags allow (``--wire``): ``lr`` (LR + records;
+HR cut from ``--hr-root``, the local copy of the servers' dataset, checked against their fingerprint) when
+``--hr-root`` is given, else ``lr-hr`` (LR + HR); the sharpened HR is made on the trainer's device with the
+servers' own USM (byte-identical on the CPU, within 1/255 on CUDA). ``--wire full`` takes it from the server.
 
 A checkpoint holds everything needed to continue bit for bit: generator, discriminator, both optimizers
 and schedulers, the AMP scaler, the iteration, every RNG state, and the data position (the identities of
@@ -52,6 +58,8 @@ class TrainConfig:
     stage: str = "l1"
     out: Path = Path("runs/grl")
     servers: tuple[str, ...] = ()         # empty: an in-process engine
+    wire: str | None = None               # full | lr-hr | lr; None: lr with hr_root, else lr-hr (client.wire)
+    hr_root: Path | None = None           # the trainer's copy of the servers' dataset (wire lr)
     token: str | None = None
     tls_ca: Path | None = None
     unreachable_timeout: float = 600.0    # servers: give up after this long with none reachable (slow is fine)
@@ -94,6 +102,17 @@ class TrainConfig:
             raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if not self.servers and (self.wire is not None or self.hr_root is not None):
+            raise ValueError("--wire and --hr-root choose what comes over the network from --server; the in-process "
+                             "engine reads --images")
+        if self.servers:
+            from client.wire import check_wire
+
+            check_wire(self.wire_mode(), self.hr_root)
+
+    def wire_mode(self) -> str:
+        """What the servers send: the leanest mode the flags allow unless ``wire`` says."""
+        return self.wire or ("lr" if self.hr_root is not None else "lr-hr")
 
     def get(self, name: str) -> Any:
         value = getattr(self, name)
@@ -197,6 +216,14 @@ class Trainer:
         #: the in-process engine's config (training source without servers, and the validation set)
         self.engine_cfg = DegradationConfig.load(cfg.degradation_config)
         self.source = source if source is not None else self._source()
+        self._sharpener = None  # made on first use: the sharpened HR on this device (client.wire.Sharpener)
+        prepare = getattr(self.source, "prepare", None)
+        if prepare is not None:  # the servers' config now, and in wire lr the local dataset copy checked
+            try:
+                prepare()
+            except BaseException:
+                self.close()
+                raise
         self.stream = TrainingStream(self.source, seed=cfg.seed, batch_size=cfg.get("batch_size"),
                                      pool_size=cfg.pool_size)
         self.log_path = self.out / "log.jsonl"
@@ -205,17 +232,38 @@ class Trainer:
         cfg = self.cfg
         if cfg.servers:
             from client import DegradeClient
+            from client.wire import DESCRIPTIONS
 
-            return DegradeClient(list(cfg.servers), token=cfg.token, tls=cfg.tls_ca,
-                                 unreachable_timeout=cfg.unreachable_timeout)
+            mode = cfg.wire_mode()
+            where = "" if mode == "full" else f" (on {self.device})"
+            log.info("data from %s, wire %s: %s%s", ", ".join(cfg.servers), mode, DESCRIPTIONS[mode], where)
+            # sharpen_device=None: the client leaves the sharpened HR to the training step, on this device
+            return DegradeClient(list(cfg.servers), token=cfg.token, tls=cfg.tls_ca, wire=mode, hr_root=cfg.hr_root,
+                                 sharpen_device=None, unreachable_timeout=cfg.unreachable_timeout)
         from client.local import LocalSource
 
         engine_device = str(self.device) if cfg.engine_device == "auto" else cfg.engine_device
         source = LocalSource(cfg.images, cfg=self.engine_cfg, workers=cfg.engine_workers, device=engine_device,
-                             pipeline=cfg.engine_pipeline)
-        log.info("in-process engine: %s pipeline on %s, %d worker process(es)", source.producer.pipeline,
-                 engine_device, source.producer.workers)
+                             pipeline=cfg.engine_pipeline, include_hr_usm=False)
+        log.info("data from an in-process engine (%s pipeline on %s, %d worker process(es)): LR + HR, sharpened on %s",
+                 source.producer.pipeline, engine_device, source.producer.workers, self.device)
         return source
+
+    def sharpener(self):
+        """The servers' USM on this device (their config; the in-process engine's without servers)."""
+        if self._sharpener is None:
+            from client.wire import Sharpener
+
+            get = getattr(self.source, "degradation_config", None)
+            self._sharpener = Sharpener(get() if get is not None else self.engine_cfg, self.device)
+        return self._sharpener
+
+    def tensors(self, lr8: np.ndarray, hr8: np.ndarray, usm8: np.ndarray | None):
+        """The float training tensors of a batch on the device: LR, HR and the sharpened HR - the server's,
+        or made here from HR when the wire mode left it out (the same values on the CPU)."""
+        lr, hr = to_float(lr8, self.device), to_float(hr8, self.device)
+        usm = to_float(usm8, self.device) if usm8 is not None else self.sharpener().targets(hr)
+        return lr, hr, usm
 
     # ------------------------------------------------------------------
     def load_initial_weights(self, path: Path) -> None:
@@ -277,12 +325,12 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------
-    def step(self, lr8: np.ndarray, hr8: np.ndarray, usm8: np.ndarray) -> dict[str, torch.Tensor]:
+    def step(self, lr8: np.ndarray, hr8: np.ndarray, usm8: np.ndarray | None) -> dict[str, torch.Tensor]:
         """One training iteration.  Returns the losses as detached 0-d tensors on the
         device: reading them (``float``) would wait for the GPU, so :meth:`run`
         reads them all at once every ``log_every`` iterations."""
         cfg = self.cfg
-        lr, hr, usm = (to_float(a, self.device) for a in (lr8, hr8, usm8))
+        lr, hr, usm = self.tensors(lr8, hr8, usm8)  # sharpened before any crop, like the server
         if cfg.lr_crop:
             lr, hr, usm = random_crop(self.flip_gen, cfg.lr_crop, self.scale, lr, hr, usm)
         lr, hr, usm = augment(self.flip_gen, lr, hr, usm)
@@ -463,6 +511,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoints/, previews/, log.jsonl")
     p.add_argument("--server", action="append", default=[],
                    help="degrade-server address (repeat for several; default: an in-process engine)")
+    p.add_argument("--wire", choices=("full", "lr-hr", "lr"), default=None,
+                   help="what the servers send: lr-hr = LR + HR, sharpened on this device; lr = LR + records, HR cut "
+                        "from --hr-root and sharpened here; full = LR + HR + sharpened HR. Default: the leanest the "
+                        "flags allow (lr with --hr-root, else lr-hr)")
+    p.add_argument("--hr-root", type=Path, default=None,
+                   help="this machine's copy of the servers' image folder (same names and bytes, checked against "
+                        "their dataset fingerprint before the first batch): HR patches are cut here")
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--token", default=None, help="bearer token of the servers (default: $DEGRADE_TOKEN)")
     tok.add_argument("--token-file", type=Path, default=None, help="read the token from a file")
@@ -515,8 +570,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     vgg = args.vgg_weights or (Path(os.environ["DEGRADE_VGG19_WEIGHTS"]) if os.environ.get("DEGRADE_VGG19_WEIGHTS")
                                else None)
     return TrainConfig(
-        stage=args.stage, out=args.out, servers=tuple(args.server), token=token, tls_ca=args.tls_ca,
-        unreachable_timeout=args.unreachable_timeout,
+        stage=args.stage, out=args.out, servers=tuple(args.server), wire=args.wire, hr_root=args.hr_root,
+        token=token, tls_ca=args.tls_ca, unreachable_timeout=args.unreachable_timeout,
         images=args.images, degradation_config=args.degradation_config, engine_workers=args.engine_workers,
         engine_device=args.engine_device, engine_pipeline=args.engine_pipeline,
         seed=args.seed, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
@@ -530,6 +585,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from client import DegradeError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -540,6 +597,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as exc:
         print(f"grl-train: error: {exc}", file=sys.stderr)
         return 2
+    except DegradeError as exc:  # no server, wrong token, a local dataset copy that differs from the servers'
+        print(f"grl-train: error: {exc}", file=sys.stderr)
+        return 1
     try:
         latest = Path(cfg.out) / "checkpoints" / "latest.pt"
         if cfg.resume:
@@ -558,8 +618,6 @@ def main(argv: list[str] | None = None) -> int:
               "checkpoint", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - a clear one-line error for data/feed problems
-        from client import DegradeError
-
         if isinstance(exc, (DegradeError, ValueError, FileNotFoundError)):
             print(f"grl-train: error: {exc}", file=sys.stderr)
             return 1

@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from client.protocol import degrade_pb2 as pb
 
 from .config import PROFILES, ConfigError, DegradationConfig
+from .fingerprint import dataset_digests, fingerprint
 from .images import ImageFolder
 from .pipelines import add_pipeline_argument, make_producer
 from .pool import default_workers
@@ -174,6 +176,10 @@ def create_server(config: ServerConfig) -> tuple[DegradeServer, int]:
         root = ensure_sample_data(progress=False)
     folder = ImageFolder(root, cfg.patch_size)
     log.info("images: %s - %d usable, %d skipped", root, len(folder.images), len(folder.skipped))
+    t0 = time.perf_counter()
+    dataset_files = dataset_digests(root, folder.images)
+    log.info("dataset fingerprint %s (blake2b of %d files, %.1f s)", fingerprint(dataset_files)[:16],
+             len(dataset_files), time.perf_counter() - t0)
     device = config.resolved_device()
     backend, backend_names = None, ["software"]
     if device != "cpu" or config.codec_backend not in ("auto", "software"):
@@ -188,7 +194,7 @@ def create_server(config: ServerConfig) -> tuple[DegradeServer, int]:
     service = DegradeService(producer, dataset_name=Path(root).name, max_streams=config.max_streams,
                              max_video_batch=config.max_video_batch, codec_backends=backend_names,
                              max_waiting_streams=config.max_waiting_streams,
-                             idle_stream_seconds=config.idle_stream_seconds)
+                             idle_stream_seconds=config.idle_stream_seconds, dataset_files=dataset_files)
 
     interceptors = []
     if config.token:
@@ -232,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(and the GPU with --device cuda) and streamed with backpressure.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Environment: DEGRADE_TOKEN or DEGRADE_TOKEN_FILE set the token when no flag does; "
-               "DEGRADE_SAMPLE_DIR is where the built-in sample photographs live.\n\n"
+               "DEGRADE_SAMPLE_DIR is where the built-in sample photographs live; DEGRADE_HASH_CACHE is the file "
+               "caching the dataset fingerprint's per-image hashes (default ~/.cache/vcisr-degrade/"
+               "file-hashes.json; 'off' to disable).\n\n"
                "Examples:\n  degrade-server                         # sample data, port 50051, all cores\n"
                "  degrade-server --images /data --token-file /run/secrets/degrade_token --metrics-port 9100",
     )

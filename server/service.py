@@ -49,6 +49,7 @@ from client.protocol import degrade_pb2 as pb
 from .config import DegradationConfig
 from .engine import BatchResult
 from .fairness import FairShare, QueueFull
+from .fingerprint import FileDigest, fingerprint
 from .metrics import ServiceMetrics
 from .pool import BatchProducer
 from .requests import BatchJob, RequestError, resolve_config, validate_batch_request
@@ -69,7 +70,8 @@ def _tensor(arr: np.ndarray) -> pb.Tensor:
     return pb.Tensor(dtype=str(arr.dtype), shape=list(arr.shape), data=np.ascontiguousarray(arr).tobytes())
 
 
-def batch_chunks(result: BatchResult, job: BatchJob) -> Iterator[tuple[pb.PairChunk, int]]:
+def batch_chunks(result: BatchResult, job: BatchJob,
+                 dataset_fingerprint: str = "") -> Iterator[tuple[pb.PairChunk, int]]:
     """Split one batch into messages of whole patches below ``job.max_chunk_bytes``.
 
     Yields (message, tensor bytes in it)."""
@@ -91,7 +93,7 @@ def batch_chunks(result: BatchResult, job: BatchJob) -> Iterator[tuple[pb.PairCh
             seed=result.seed, epoch=result.epoch, batch_index=result.batch_index, batch_size=n, first_patch=lo,
             lr=_tensor(result.lr[lo:hi]),
             patch_ids=[r["patch_id"] for r in result.records[lo:hi]], records_json=records[lo:hi],
-            last_chunk=hi == n,
+            last_chunk=hi == n, dataset_fingerprint=dataset_fingerprint,
         )
         nbytes = result.lr[lo:hi].nbytes
         if job.include_hr and result.hr is not None:
@@ -134,8 +136,12 @@ class DegradeService:
 
     def __init__(self, producer: BatchProducer, *, dataset_name: str, max_streams: int, max_video_batch: int = 256,
                  metrics: ServiceMetrics | None = None, codec_backends: list[str] | None = None,
-                 max_waiting_streams: int | None = None, idle_stream_seconds: float = 60.0):
+                 max_waiting_streams: int | None = None, idle_stream_seconds: float = 60.0,
+                 dataset_files: list[FileDigest] | None = None):
         self._codec_backends = sorted(codec_backends or ["software"])
+        #: the dataset fingerprint (server/fingerprint.py): per-file entries and the hash over them
+        self.dataset_files = list(dataset_files or [])
+        self.dataset_fingerprint = fingerprint(self.dataset_files) if dataset_files else ""
         self.producer = producer
         self.cfg: DegradationConfig = producer.cfg
         self.dataset_name = dataset_name
@@ -219,7 +225,10 @@ class DegradeService:
             video_batch_size=cfg.video_batch_size, codec_backends=self.codec_backends(),
             device=self.device_name(), profile=self.cfg.profile, default_config_json=self.cfg.to_json(),
             max_streams=self.max_streams, max_indices_per_request=plan.num_batches,
-            workers=self.producer.workers,
+            workers=self.producer.workers, dataset_fingerprint=self.dataset_fingerprint,
+            dataset_files=[pb.DatasetFile(name=f.name, size=f.size, blake2b=f.blake2b, width=f.width, height=f.height)
+                           for f in self.dataset_files] if req.include_dataset_files else [],
+            config_json=cfg.to_json(),
         )
 
     def codec_backends(self) -> list[str]:
@@ -346,7 +355,7 @@ class DegradeService:
                         break
                     yield from self._offer(stream, self._failed_chunk(job, k))
                 self.metrics.codec_failures.inc(result.codec_failures)
-                for msg, nbytes in batch_chunks(result, job):
+                for msg, nbytes in batch_chunks(result, job, self.dataset_fingerprint):
                     # counted when handed to gRPC, so the counters never lag what a client has seen
                     self.metrics.sent(len(result) if msg.last_chunk else 0, nbytes)
                     if msg.last_chunk:

@@ -37,6 +37,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _hash_cache(tmp_path_factory):
+    """Dataset fingerprints cache their file hashes in a file of this session, not in ~/.cache
+    (servers started as subprocesses inherit it)."""
+    import os
+
+    os.environ.setdefault("DEGRADE_HASH_CACHE", str(tmp_path_factory.mktemp("hash-cache") / "file-hashes.json"))
+
+
 @pytest.fixture(scope="session")
 def device(pytestconfig) -> torch.device:
     dev = torch.device(pytestconfig.getoption("--device"))

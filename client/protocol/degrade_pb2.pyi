@@ -7,17 +7,19 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class InfoRequest(_message.Message):
-    __slots__ = ("seed", "epoch", "config_overrides_json")
+    __slots__ = ("seed", "epoch", "config_overrides_json", "include_dataset_files")
     SEED_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     CONFIG_OVERRIDES_JSON_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_DATASET_FILES_FIELD_NUMBER: _ClassVar[int]
     seed: int
     epoch: int
     config_overrides_json: str
-    def __init__(self, seed: _Optional[int] = ..., epoch: _Optional[int] = ..., config_overrides_json: _Optional[str] = ...) -> None: ...
+    include_dataset_files: bool
+    def __init__(self, seed: _Optional[int] = ..., epoch: _Optional[int] = ..., config_overrides_json: _Optional[str] = ..., include_dataset_files: _Optional[bool] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "dataset_name", "num_images", "num_skipped_images", "patches_per_epoch", "batches_per_epoch", "scale", "hr_patch_size", "lr_patch_size", "video_batch_size", "codec_backends", "device", "profile", "default_config_json", "max_streams", "max_indices_per_request", "workers")
+    __slots__ = ("version", "dataset_name", "num_images", "num_skipped_images", "patches_per_epoch", "batches_per_epoch", "scale", "hr_patch_size", "lr_patch_size", "video_batch_size", "codec_backends", "device", "profile", "default_config_json", "max_streams", "max_indices_per_request", "workers", "dataset_fingerprint", "dataset_files", "config_json")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DATASET_NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +37,9 @@ class ServerInfo(_message.Message):
     MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
     MAX_INDICES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FILES_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     version: str
     dataset_name: str
     num_images: int
@@ -52,7 +57,24 @@ class ServerInfo(_message.Message):
     max_streams: int
     max_indices_per_request: int
     workers: int
-    def __init__(self, version: _Optional[str] = ..., dataset_name: _Optional[str] = ..., num_images: _Optional[int] = ..., num_skipped_images: _Optional[int] = ..., patches_per_epoch: _Optional[int] = ..., batches_per_epoch: _Optional[int] = ..., scale: _Optional[int] = ..., hr_patch_size: _Optional[int] = ..., lr_patch_size: _Optional[int] = ..., video_batch_size: _Optional[int] = ..., codec_backends: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., profile: _Optional[str] = ..., default_config_json: _Optional[str] = ..., max_streams: _Optional[int] = ..., max_indices_per_request: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
+    dataset_fingerprint: str
+    dataset_files: _containers.RepeatedCompositeFieldContainer[DatasetFile]
+    config_json: str
+    def __init__(self, version: _Optional[str] = ..., dataset_name: _Optional[str] = ..., num_images: _Optional[int] = ..., num_skipped_images: _Optional[int] = ..., patches_per_epoch: _Optional[int] = ..., batches_per_epoch: _Optional[int] = ..., scale: _Optional[int] = ..., hr_patch_size: _Optional[int] = ..., lr_patch_size: _Optional[int] = ..., video_batch_size: _Optional[int] = ..., codec_backends: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., profile: _Optional[str] = ..., default_config_json: _Optional[str] = ..., max_streams: _Optional[int] = ..., max_indices_per_request: _Optional[int] = ..., workers: _Optional[int] = ..., dataset_fingerprint: _Optional[str] = ..., dataset_files: _Optional[_Iterable[_Union[DatasetFile, _Mapping]]] = ..., config_json: _Optional[str] = ...) -> None: ...
+
+class DatasetFile(_message.Message):
+    __slots__ = ("name", "size", "blake2b", "width", "height")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    BLAKE2B_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    blake2b: str
+    width: int
+    height: int
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., blake2b: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class BatchRequest(_message.Message):
     __slots__ = ("seed", "epoch", "index_list", "index_range", "include_hr", "include_hr_usm", "config_overrides_json", "max_chunk_bytes")
@@ -99,7 +121,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PairChunk(_message.Message):
-    __slots__ = ("seed", "epoch", "batch_index", "batch_size", "first_patch", "lr", "hr", "hr_usm", "patch_ids", "records_json", "last_chunk", "batch_error")
+    __slots__ = ("seed", "epoch", "batch_index", "batch_size", "first_patch", "lr", "hr", "hr_usm", "patch_ids", "records_json", "last_chunk", "batch_error", "dataset_fingerprint")
     SEED_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     BATCH_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +134,7 @@ class PairChunk(_message.Message):
     RECORDS_JSON_FIELD_NUMBER: _ClassVar[int]
     LAST_CHUNK_FIELD_NUMBER: _ClassVar[int]
     BATCH_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     seed: int
     epoch: int
     batch_index: int
@@ -124,4 +147,5 @@ class PairChunk(_message.Message):
     records_json: _containers.RepeatedScalarFieldContainer[str]
     last_chunk: bool
     batch_error: str
-    def __init__(self, seed: _Optional[int] = ..., epoch: _Optional[int] = ..., batch_index: _Optional[int] = ..., batch_size: _Optional[int] = ..., first_patch: _Optional[int] = ..., lr: _Optional[_Union[Tensor, _Mapping]] = ..., hr: _Optional[_Union[Tensor, _Mapping]] = ..., hr_usm: _Optional[_Union[Tensor, _Mapping]] = ..., patch_ids: _Optional[_Iterable[str]] = ..., records_json: _Optional[_Iterable[str]] = ..., last_chunk: _Optional[bool] = ..., batch_error: _Optional[str] = ...) -> None: ...
+    dataset_fingerprint: str
+    def __init__(self, seed: _Optional[int] = ..., epoch: _Optional[int] = ..., batch_index: _Optional[int] = ..., batch_size: _Optional[int] = ..., first_patch: _Optional[int] = ..., lr: _Optional[_Union[Tensor, _Mapping]] = ..., hr: _Optional[_Union[Tensor, _Mapping]] = ..., hr_usm: _Optional[_Union[Tensor, _Mapping]] = ..., patch_ids: _Optional[_Iterable[str]] = ..., records_json: _Optional[_Iterable[str]] = ..., last_chunk: _Optional[bool] = ..., batch_error: _Optional[str] = ..., dataset_fingerprint: _Optional[str] = ...) -> None: ...
