@@ -137,36 +137,43 @@ def big_photo_dir(tmp_path_factory) -> Path:
     return root
 
 
+def spawn_server(photo_dir, cfg_file, *extra: str):
+    """``python -m server serve`` on port 0 with one worker, in a session of its own (so cleanup can kill
+    the whole group, worker processes of a SIGKILLed server too): ``(Popen, address)``."""
+    import re
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "server", "serve", "--images", str(photo_dir), "--config", str(cfg_file),
+           "--host", "127.0.0.1", "--port", "0", "--workers", "1", "--device", "cpu", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        m = re.search(r"listening on port (\d+)", line)
+        if m:
+            return proc, f"127.0.0.1:{m.group(1)}"
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
 @pytest.fixture()
 def server_process(photo_dir, service_cfg_file):
     """Start ``python -m server serve`` processes on port 0 (``server_process(*flags)`` -> (Popen, address)),
     each in a session of its own; at teardown every one is killed with its whole group (worker processes
     too), and continued first in case a test stopped it."""
     import os
-    import re
     import signal
-    import subprocess
-    import sys
-    import time
 
     procs = []
 
-    def start(*extra: str) -> tuple[subprocess.Popen, str]:
-        cmd = [sys.executable, "-m", "server", "serve", "--images", str(photo_dir), "--config",
-               str(service_cfg_file), "--host", "127.0.0.1", "--port", "0", "--workers", "1", "--device", "cpu",
-               *extra]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                start_new_session=True)
+    def start(*extra: str):
+        proc, address = spawn_server(photo_dir, service_cfg_file, *extra)
         procs.append(proc)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            m = re.search(r"listening on port (\d+)", line)
-            if m:
-                return proc, f"127.0.0.1:{m.group(1)}"
-            if not line and proc.poll() is not None:
-                break
-        raise RuntimeError("server did not start")
+        return proc, address
 
     yield start
     for proc in procs:

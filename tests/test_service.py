@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -17,6 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from conftest import spawn_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import DegradeClient, DegradeError
@@ -104,23 +104,6 @@ def test_chunks_stay_below_the_default_message_limit(make_server):
 
 
 # --- failures -------------------------------------------------------------
-def spawn_server(photo_dir, cfg_file, *extra: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "server", "serve", "--images", str(photo_dir), "--config", str(cfg_file),
-           "--host", "127.0.0.1", "--port", "0", "--workers", "1", "--device", "cpu", *extra]
-    # a session of its own: cleanup kills the whole group (the worker processes of a SIGKILLed server too)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        m = re.search(r"listening on port (\d+)", line)
-        if m:
-            return proc, f"127.0.0.1:{m.group(1)}"
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError("server did not start")
-
-
 def kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
