@@ -176,7 +176,7 @@ class Engine:
                              want_usm: bool = True) -> BatchResult:
         """Degrade the video batch made of ``refs`` (batch ``index`` of ``epoch`` under ``seed``):
         the whole-batch path, every step in this process."""
-        self.take_timings()
+        self.pop_timings()  # drop what an earlier, unfinished batch left (without waiting for its events)
         with self._host_stage("load"):
             hr8 = crop_patches(folder, refs, self.cfg.patch_size)
         out = self.device_stage(hr8, seed, epoch, index, want_usm=want_usm)
