@@ -42,7 +42,9 @@ def test_gpu_check_reports_each_step_and_its_exit_status(tmp_path):
 def test_make_gpu_check_installs_nothing():
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    res = subprocess.run(["make", "-n", "gpu-check", "PY=python3"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+    # Under `make test` MAKELEVEL is set, and a nested make would print "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    res = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", "PY=python3"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "PY=python3 OUT=out/gpu bash benchmarks/gpu_check.sh"
