@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from server.config import DegradationConfig
-from server.engine import STAGES
-from server.images import ImageFolder
-from server.pipelines import make_producer
-from server.pool import BatchProducer, default_workers
+from server.degradation.config import DegradationConfig
+from server.degradation.engine import STAGES
+from server.degradation.images import ImageFolder
+from server.pipeline.batch import BatchProducer, default_workers
+from server.pipeline.registry import make_producer
 
 
 def _git_commit() -> str:

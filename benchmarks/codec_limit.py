@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from server.codecs.base import VideoParams
+from server.degradation.video import VideoParams
 
 Batch = tuple[np.ndarray, VideoParams]
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from server.config import DegradationConfig
+from server.degradation.config import DegradationConfig
 
 
 @contextmanager

@@ -3,9 +3,9 @@
     python -m benchmarks.device_stage [--device cuda] [--batches 8] [--group 2]
 
 Real photograph crops (``benchmarks.stages.photo_patches``) go through
-:meth:`server.engine.Engine.device_stage` - USM, first and second order, the
+:meth:`server.degradation.engine.Engine.device_stage` - USM, first and second order, the
 ending up to the codec boundary - ``--group`` batches issued back to back and
-then copied to host memory, as the device stage of ``server.split_pipeline``
+then copied to host memory, as the device stage of ``server.pipeline.split``
 does.  Reports patches/s with and without the sharpened target (median of
 ``--runs`` timed runs after a warm-up), then one run with stage timers on
 (CUDA events on a GPU) for the per-stage device time per batch.
@@ -21,8 +21,8 @@ import time
 import numpy as np
 import torch
 
-from server.config import DegradationConfig
-from server.engine import STAGES, Engine
+from server.degradation.config import DegradationConfig
+from server.degradation.engine import STAGES, Engine
 
 
 def _run(engine: Engine, hr8: np.ndarray, batches: int, group: int, want_usm: bool, start: int) -> float:

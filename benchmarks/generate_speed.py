@@ -49,9 +49,9 @@ def make_photos(root: Path, count: int, size: int = 360, seed: int = 0) -> None:
 
 
 def engine_rate(images: Path, pipeline: str, workers: int | None, device: str) -> float:
-    from server.config import DegradationConfig
-    from server.images import ImageFolder
-    from server.pipelines import make_producer
+    from server.degradation.config import DegradationConfig
+    from server.degradation.images import ImageFolder
+    from server.pipeline.registry import make_producer
 
     cfg = DegradationConfig()
     folder = ImageFolder(images, cfg.patch_size)

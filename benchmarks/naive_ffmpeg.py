@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from server.codecs.base import CodecError, VideoParams, aspect_width, check_frames
+from server.codecs.base import check_frames
+from server.degradation.video import CodecError, VideoParams, aspect_width
 
 #: Container for the encoded stream; MP4 carries all four codecs.
 CONTAINER = "mp4"

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from server.codecs.base import VideoParams
+from server.degradation.video import VideoParams
 
 #: One mid-range draw per codec of the spec's table (fps 24, aspect kept).
 PARAMS: dict[str, VideoParams] = {

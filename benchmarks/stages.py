@@ -21,8 +21,8 @@ import time
 import numpy as np
 import torch
 
-from server.config import SINC
-from server.kernels import build_kernels
+from server.degradation.config import SINC
+from server.degradation.kernels import build_kernels
 
 PHOTOS = ("astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "chelsea")
 
@@ -89,7 +89,7 @@ def _best(fn, repeats: int) -> float:
 def poisson_noise_reference(x: torch.Tensor, scale: torch.Tensor, gray: torch.Tensor, generator) -> torch.Tensor:
     """Real-ESRGAN ``add_poisson_noise_pt`` as written there (colour noise always
     computed, per-patch ``torch.unique`` loops, ``torch.poisson``), for timing."""
-    from server.noise import rgb_to_gray
+    from server.degradation.noise import rgb_to_gray
 
     b = x.shape[0]
 
@@ -107,9 +107,9 @@ def poisson_noise_reference(x: torch.Tensor, scale: torch.Tensor, gray: torch.Te
 
 
 def _rows(n_hr: int, n_lr: int, repeats: int, include_reference: bool):
-    from server.filters import blur, blur_reference, usm_sharpen, usm_sharpen_reference
-    from server.jpeg import jpeg_roundtrip
-    from server.noise import add_gaussian_noise, add_poisson_noise
+    from server.degradation.filters import blur, blur_reference, usm_sharpen, usm_sharpen_reference
+    from server.degradation.jpeg import jpeg_roundtrip
+    from server.degradation.noise import add_gaussian_noise, add_poisson_noise
 
     hr = photo_patches(n_hr, 360, seed=1)
     lr = torch.nn.functional.interpolate(photo_patches(n_lr, 360, seed=2), size=(207, 207), mode="area")

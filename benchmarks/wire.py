@@ -221,9 +221,9 @@ def raw_tcp(net: Link, seconds: float = 2.0) -> float:
 
 def engine_rates(images: Path, cfg_file: Path | None, workers: int | None, pairs: int, seed: int = 0) -> dict:
     """The engine's own pairs/s in-process (all cores) on the batches a client pulling ``pairs`` gets."""
-    from server.config import DegradationConfig
-    from server.images import ImageFolder
-    from server.pool import BatchProducer
+    from server.degradation.config import DegradationConfig
+    from server.degradation.images import ImageFolder
+    from server.pipeline.batch import BatchProducer
 
     cfg = DegradationConfig.load(cfg_file)
     folder = ImageFolder(images, cfg.patch_size)
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rates:
         _rate_bits(r)
     if args.images is None:
-        from server.sample_data import ensure_sample_data
+        from server.degradation.sample_data import ensure_sample_data
 
         args.images = ensure_sample_data(progress=False)
     images = args.images.resolve()

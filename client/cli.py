@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if client.failures:
         print(f"{len(client.failures)} batch(es) could not be made by the server: {client.failures[:3]}")
     if args.out is not None and preview:
-        from server.preview import contact_sheet
+        from server.pipeline.preview import contact_sheet
 
         hr, lr, recs = zip(*preview)
         path = contact_sheet(hr, lr, recs, args.out, title=f"degrade-client: {servers[0]}, seed {args.seed}")

@@ -27,7 +27,7 @@ CHANNEL_OPTIONS = [
     # ping every 20 s while calls are open and close the connection when a ping is not answered within
     # 10 s, so its streams fail UNAVAILABLE and are asked for again, instead of hanging until the TCP
     # timeout (~15 min). A server that is only slow answers pings (gRPC's core does, whatever Python is
-    # doing), so its streams stay open. The server accepts pings down to every 10 s (server/serve.py).
+    # doing), so its streams stay open. The server accepts pings down to every 10 s (server/service/serve.py).
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     # keep pinging through a stream on which the server sends nothing for minutes (an overloaded pool):

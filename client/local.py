@@ -14,16 +14,16 @@ from .client import VideoBatch
 
 
 class LocalSource:
-    """Makes video batches with a local producer (``server.pipelines.make_producer``): on a GPU
+    """Makes video batches with a local producer (``server.pipeline.registry.make_producer``): on a GPU
     the split pipeline (image stages on the device, codecs on the other cores), else worker processes."""
 
     def __init__(self, images: str | Path | None = None, *, cfg=None, workers: int | None = None,
                  device: str = "cpu", include_hr: bool = True, include_hr_usm: bool = True,
                  pipeline: str = "auto"):
-        from server.config import DegradationConfig
-        from server.images import ImageFolder
-        from server.pipelines import make_producer
-        from server.sample_data import ensure_sample_data
+        from server.degradation.config import DegradationConfig
+        from server.degradation.images import ImageFolder
+        from server.degradation.sample_data import ensure_sample_data
+        from server.pipeline.registry import make_producer
 
         self.cfg = cfg or DegradationConfig()
         root = Path(images) if images is not None else ensure_sample_data()

@@ -11,11 +11,11 @@ mode       on the wire (per 360/90 pair)    made on the trainer's side
 =========  ===============================  ===========================================================
 
 Everything made here uses the server's own code, so the training tensors do
-not depend on the mode: USM is :func:`server.filters.usm_sharpen` with the
+not depend on the mode: USM is :func:`server.degradation.filters.usm_sharpen` with the
 server's ``usm_weight``/``usm_threshold``/``usm_radius`` (from GetInfo's
 ``config_json``) and the engine's float conversion and uint8 rounding - byte
 for byte the server's ``hr_usm`` on the CPU, within 1/255 on CUDA (batched FFT
-blurs); HR crops are :func:`server.engine.crop_patches` of the records'
+blurs); HR crops are :func:`server.degradation.engine.crop_patches` of the records'
 ``image``, ``x``, ``y``.
 """
 
@@ -32,7 +32,7 @@ import torch
 from .client import DatasetMismatchError, DegradeError, LocalError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from server.config import DegradationConfig
+    from server.degradation.config import DegradationConfig
 
     from .client import DegradeClient, VideoBatch
 
@@ -88,13 +88,13 @@ class Sharpener:
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
 
     def _usm(self, hr: torch.Tensor) -> torch.Tensor:
-        from server.filters import usm_sharpen
+        from server.degradation.filters import usm_sharpen
 
         return usm_sharpen(hr, weight=self.weight, threshold=self.threshold, radius=self.radius)
 
     def uint8(self, hr8: np.ndarray) -> np.ndarray:
         """uint8 NHWC HR -> the uint8 NHWC sharpened HR, exactly as the engine makes it."""
-        from server.engine import CHUNK, to_uint8_nhwc
+        from server.degradation.engine import CHUNK, to_uint8_nhwc
 
         out = np.empty_like(hr8)
         for lo in range(0, len(hr8), CHUNK):
@@ -113,7 +113,7 @@ class LocalHR:
     """HR patches cut from the trainer's own copy of the dataset (``crop_patches`` of the records' corners)."""
 
     def __init__(self, root: str | Path, files: Sequence[Any], patch_size: int, fingerprint: str):
-        from server.images import ImageFolder, ImageInfo
+        from server.degradation.images import ImageFolder, ImageInfo
 
         self.root = Path(root)
         self.patch_size = int(patch_size)
@@ -126,7 +126,7 @@ class LocalHR:
     @classmethod
     def verified(cls, root: str | Path, info: Any, patch_size: int) -> "LocalHR":
         """Check ``root`` against a ServerInfo's dataset fingerprint (with ``dataset_files``), then open it."""
-        from server.fingerprint import DatasetMismatch, FileDigest, fingerprint, verify_copy
+        from server.degradation.fingerprint import DatasetMismatch, FileDigest, fingerprint, verify_copy
 
         if not info.dataset_fingerprint or not info.dataset_files:
             raise DegradeError("the server publishes no dataset fingerprint (an older degrade-server), so a local "
@@ -144,8 +144,8 @@ class LocalHR:
         return cls(root, files, patch_size, info.dataset_fingerprint)
 
     def crop(self, batch: "VideoBatch") -> np.ndarray:
-        from server.engine import crop_patches
-        from server.epoch_plan import PatchRef
+        from server.degradation.engine import crop_patches
+        from server.degradation.epoch_plan import PatchRef
 
         if batch.dataset_fingerprint != self.fingerprint:
             if not batch.dataset_fingerprint:
@@ -169,7 +169,7 @@ class LocalHR:
 def config_from_info(info: Any, overrides_json: str = "") -> "DegradationConfig":
     """The degradation config a server resolves a request to (``config_json``; older servers: the default
     config plus the request's overrides)."""
-    from server.config import DegradationConfig
+    from server.degradation.config import DegradationConfig
 
     if info.config_json:
         return DegradationConfig.from_dict(json.loads(info.config_json))

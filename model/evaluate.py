@@ -166,7 +166,7 @@ def super_resolve(model: torch.nn.Module, lr: torch.Tensor, scale: int, tile: in
 # ---------------------------------------------------------------------------
 # images and metrics
 def list_images(root: Path) -> list[Path]:
-    from server.images import IMAGE_EXTENSIONS
+    from server.degradation.images import IMAGE_EXTENSIONS
 
     return sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
                   key=lambda p: p.relative_to(root).as_posix())
@@ -174,7 +174,7 @@ def list_images(root: Path) -> list[Path]:
 
 def find_reference(ref_root: Path, rel: Path) -> Path | None:
     """The HR image of ``rel``: the same relative name, else the same stem with another image extension."""
-    from server.images import IMAGE_EXTENSIONS
+    from server.degradation.images import IMAGE_EXTENSIONS
 
     same = ref_root / rel
     if same.is_file():
@@ -334,7 +334,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from PIL import Image
     from tqdm import tqdm
 
-    from server.images import decode_rgb8
+    from server.degradation.images import decode_rgb8
 
     nr_names = _parse_metrics(args.metrics)
     if args.tile < 0 or args.tile_overlap < 0:

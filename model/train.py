@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from server.config import DegradationConfig
+from server.degradation.config import DegradationConfig
 
 from .data import TrainingStream
 from .quality import psnr, ssim

@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
-from .config import PROFILES, ConfigError, DegradationConfig
-from .pipelines import add_pipeline_argument
+from .degradation.config import PROFILES, ConfigError, DegradationConfig
+from .pipeline.registry import add_pipeline_argument
 
 log = logging.getLogger("degrade")
 
@@ -103,8 +103,8 @@ def load_config(args: argparse.Namespace) -> DegradationConfig:
 
 
 def open_images(args: argparse.Namespace, cfg: DegradationConfig):
-    from .images import ImageFolder
-    from .sample_data import ensure_sample_data
+    from .degradation.images import ImageFolder
+    from .degradation.sample_data import ensure_sample_data
 
     root = args.images if args.images is not None else ensure_sample_data(progress=True)
     folder = ImageFolder(root, cfg.patch_size)
@@ -138,7 +138,7 @@ def iter_batches(producer, seed: int, first_epoch: int, limit: int | None, want_
 
 def producer_for(args: argparse.Namespace, cfg: DegradationConfig, folder, **kw):
     """The batch producer the command line asks for (``--pipeline``, ``--workers``, ``--device``)."""
-    from .pipelines import make_producer
+    from .pipeline.registry import make_producer
 
     producer = make_producer(folder, cfg, pipeline=args.pipeline, workers=args.workers, device=args.device, **kw)
     log.info("%s pipeline: %d worker process(es), engine on %s", producer.pipeline, producer.workers, args.device)
@@ -148,7 +148,7 @@ def producer_for(args: argparse.Namespace, cfg: DegradationConfig, folder, **kw)
 def cmd_generate(args: argparse.Namespace, cfg: DegradationConfig) -> int:
     from tqdm import tqdm
 
-    from .png import write_png
+    from .pipeline.png import write_png
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be a positive number of pairs")
@@ -214,7 +214,7 @@ def cmd_generate(args: argparse.Namespace, cfg: DegradationConfig) -> int:
 def cmd_preview(args: argparse.Namespace, cfg: DegradationConfig) -> int:
     from tqdm import tqdm
 
-    from .preview import contact_sheet
+    from .pipeline.preview import contact_sheet
 
     if args.n < 1 or args.per_batch < 1:
         raise ConfigError("--n and --per-batch must be positive")
@@ -260,8 +260,8 @@ def demo_service(args: argparse.Namespace, cfg: DegradationConfig, sheet: Path, 
     """The service round trip: a degrade-server on a free loopback port, a client pulling ``pairs``."""
     from client import DegradeClient
 
-    from .preview import contact_sheet
-    from .serve import ServerConfig, create_server
+    from .pipeline.preview import contact_sheet
+    from .service.serve import ServerConfig, create_server
 
     server, port = create_server(ServerConfig(images=args.images, host="127.0.0.1", port=0, workers=args.workers,
                                               device=args.device, profile=cfg.profile, config_file=args.config,
@@ -299,11 +299,11 @@ def cmd_bench(args: argparse.Namespace, cfg: DegradationConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "serve":
-        from .serve import main as serve_main
+        from .service.serve import main as serve_main
 
         return serve_main(argv[1:])
     if argv and argv[0] == "health":
-        from .health_probe import main as health_main
+        from .service.health_probe import main as health_main
 
         return health_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         if args.command == "sample-data":
-            from .sample_data import write_sample_data
+            from .degradation.sample_data import write_sample_data
 
             files = write_sample_data(args.dir, progress=True)
             print(f"{len(files)} sample photographs in {args.dir}")

@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from server.config import DegradationConfig
+from server.degradation.config import DegradationConfig
+from server.degradation.video import VideoParams
 
 
 def pytest_addoption(parser):
@@ -90,6 +91,15 @@ def photo_patches() -> np.ndarray:
     return np.stack(out)
 
 
+#: One mid-range draw per codec of the spec's table (the codec tests' standard parameters).
+MID = {
+    "mpeg2video": VideoParams("mpeg2video", fps=25, bitrate_kbps=5000),
+    "mpeg4": VideoParams("mpeg4", fps=24, bitrate_kbps=5000),
+    "libx264": VideoParams("libx264", fps=24, crf=26, preset="medium"),
+    "libx265": VideoParams("libx265", fps=24, crf=31, preset="fast"),
+}
+
+
 # --- the gRPC service -------------------------------------------------------
 SERVICE_CFG = "video_batch_size = 2\nfirst_batch_range = [1, 2]\n"
 
@@ -105,7 +115,7 @@ def service_cfg_file(tmp_path_factory) -> Path:
 @pytest.fixture()
 def make_server(photo_dir, service_cfg_file):
     """Start in-process servers on port 0 (``make_server(**ServerConfig fields)``); all stopped afterwards."""
-    from server.serve import ServerConfig, create_server
+    from server.service.serve import ServerConfig, create_server
 
     started = []
 

@@ -60,7 +60,7 @@ def test_sample_data_is_real_photographs(tmp_path):
     assert main(["sample-data", str(tmp_path / "s")]) == 0
     files = sorted((tmp_path / "s").glob("*.png"))
     assert len(files) >= 20
-    from server.images import ImageFolder
+    from server.degradation.images import ImageFolder
 
     folder = ImageFolder(tmp_path / "s", 360)
     assert len(folder.images) == len(files) and not folder.skipped
@@ -103,7 +103,7 @@ def test_generate_split_writes_the_same_files_as_batch(photo_dir, tmp_path, caps
 def test_image_broken_after_scan_skips_its_batch_and_says_so(photo_dir, tmp_path, capsys, monkeypatch):
     import shutil
 
-    from server import images
+    from server.degradation import images
 
     src = tmp_path / "imgs"
     shutil.copytree(photo_dir, src)

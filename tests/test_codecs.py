@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import MID
 from skimage import data
 
 from benchmarks.naive_ffmpeg import ffmpeg_available, naive_roundtrip
@@ -28,13 +29,6 @@ from server.codecs.software import encoder_options, plan_sizes
 
 BACKEND = SoftwareBackend()
 
-#: One mid-range draw per codec of the spec's table.
-MID = {
-    "mpeg2video": VideoParams("mpeg2video", fps=25, bitrate_kbps=5000),
-    "mpeg4": VideoParams("mpeg4", fps=24, bitrate_kbps=5000),
-    "libx264": VideoParams("libx264", fps=24, crf=26, preset="medium"),
-    "libx265": VideoParams("libx265", fps=24, crf=31, preset="fast"),
-}
 CODECS = list(MID)
 
 
@@ -240,8 +234,8 @@ def test_hardware_then_software_failure_falls_back(clip: np.ndarray, monkeypatch
 
 def test_software_backend_failure_goes_straight_to_the_fallback(clip: np.ndarray) -> None:
     """A backend that already is software is not run a third and fourth time."""
-    from server.codecs.selection import PlanBackend, select_backends
     from server.codecs.nvcodec import HardwareCaps
+    from server.codecs.selection import PlanBackend, select_backends
 
     plan = select_backends(HardwareCaps.none("no GPU"))
     flaky = FlakyBackend("mpeg4", 99)
@@ -364,7 +358,7 @@ _DECODE_TWICE = r"""
 import hashlib, sys
 from benchmarks.nvcodec_speed import make_batches
 from server.codecs import software as sw
-from server.codecs.base import VideoParams
+from server.degradation.video import VideoParams
 clips = make_batches(4, 64, 90)  # 90x90 pans over real photographs
 if sys.argv[1] == "warm":  # other codecs first: a different buffer-pool history in this process
     sw.SoftwareBackend().roundtrip(clips[0][:4], VideoParams("libx264", fps=25, crf=26))

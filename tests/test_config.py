@@ -1,6 +1,6 @@
 import pytest
 
-from server.config import ConfigError, DegradationConfig
+from server.degradation.config import ConfigError, DegradationConfig
 
 
 def test_defaults_are_the_spec():

@@ -15,10 +15,10 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
-from server.dali_loader import DaliPatchLoader, dali_decodable  # noqa: E402
-from server.engine import crop_patches  # noqa: E402
-from server.epoch_plan import make_epoch_plan  # noqa: E402
-from server.images import ImageFolder  # noqa: E402
+from server.degradation.engine import crop_patches  # noqa: E402
+from server.degradation.epoch_plan import make_epoch_plan  # noqa: E402
+from server.degradation.images import ImageFolder  # noqa: E402
+from server.pipeline.dali_loader import DaliPatchLoader, dali_decodable  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +94,7 @@ def test_cpu_backend_whole_epoch_and_small_batches(folder, photo_dir, small_cfg)
 
 
 def _odd_images(root: Path) -> dict[str, bool]:
-    """Files DALI might decode differently from server.images -> whether DALI should take them."""
+    """Files DALI might decode differently from server.degradation.images -> whether DALI should take them."""
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (300, 420, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(root / "a_rgb.png")
@@ -142,7 +142,7 @@ def test_odd_modes_fall_back_to_the_cpu_decoder(tmp_path):
     try:
         for name in expected:
             assert loader.uses_dali(name) is expected[name]
-        from server.epoch_plan import PatchRef
+        from server.degradation.epoch_plan import PatchRef
 
         refs = tuple(PatchRef(info.name, x, y) for info in folder.images for (x, y) in ((0, 0), (5, 17), (100, 120)))
         np.testing.assert_array_equal(loader.crop(refs), crop_patches(folder, refs, 128))
@@ -155,7 +155,7 @@ def test_size_change_and_corrupt_file_errors(tmp_path):
     Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     folder = ImageFolder(tmp_path, 256)
     loader = DaliPatchLoader(folder, 256, device="cpu", threads=1)
-    from server.epoch_plan import PatchRef
+    from server.degradation.epoch_plan import PatchRef
 
     try:
         with pytest.raises(ValueError, match="changed size"):
@@ -181,7 +181,7 @@ def test_import_without_dali_and_clear_error():
     # importing the module never needs DALI; constructing the loader says how to install it
     code = (
         "import sys; sys.modules['nvidia.dali'] = None\n"
-        "import server.dali_loader as m\n"
+        "import server.pipeline.dali_loader as m\n"
         "assert not m.dali_available()\n"
         "try:\n"
         "    m.DaliPatchLoader(None, 8, device='cpu')\n"
@@ -212,7 +212,7 @@ def test_gpu_crop_tensor_matches_crop_patches(folder, small_cfg):
                     if ref.image.endswith(".png"):
                         np.testing.assert_array_equal(got[i], want[i], err_msg=f"{ref}")
                     else:
-                        # nvJPEG's IDCT/rounding differs from libjpeg-turbo (documented in server/dali_loader.py)
+                        # nvJPEG's IDCT/rounding differs from libjpeg-turbo (documented in server/pipeline/dali_loader.py)
                         d = np.abs(got[i].astype(int) - want[i])
                         assert d.mean() <= 1.0 and d.max() <= 16, (ref, d.mean(), d.max())
                 np.testing.assert_array_equal(loader.crop(refs), got)

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 from codec_fakes import BrokenBackend
 
-from server.config import DegradationConfig
-from server.engine import Engine
-from server.epoch_plan import make_epoch_plan
-from server.images import ImageFolder
-from server.pool import BatchProducer
+from server.codecs import VideoRoundTrip
+from server.degradation.config import DegradationConfig
+from server.degradation.engine import Engine
+from server.degradation.epoch_plan import make_epoch_plan
+from server.degradation.images import ImageFolder
+from server.pipeline.batch import BatchProducer
 
 RECORD_KEYS = {
     "patch_id", "image", "x", "y", "epoch", "batch_index", "ending", "codec", "crf", "bitrate_kbps", "preset",
@@ -28,7 +29,7 @@ def run_epoch(engine, folder, cfg, seed=0, epoch=0):
 
 
 def test_small_epoch_shapes_records_and_every_patch_once(folder, small_cfg, device):
-    engine = Engine(small_cfg, device=device)
+    engine = Engine(small_cfg, device=device, codec=VideoRoundTrip())
     plan, results = run_epoch(engine, folder, small_cfg)
     ids = [r["patch_id"] for res in results for r in res.records]
     assert len(ids) == plan.num_patches == len(set(ids)) == 7
@@ -62,10 +63,10 @@ def test_small_epoch_shapes_records_and_every_patch_once(folder, small_cfg, devi
 
 
 def test_same_seed_same_bytes_different_seed_different(folder, small_cfg, device):
-    engine = Engine(small_cfg, device=device)
+    engine = Engine(small_cfg, device=device, codec=VideoRoundTrip())
     plan = make_epoch_plan(folder.images, small_cfg, 11, 2)
     a = engine.make_batch(folder, plan, 1)
-    b = Engine(small_cfg, device=device).make_batch(folder, plan, 1)
+    b = Engine(small_cfg, device=device, codec=VideoRoundTrip()).make_batch(folder, plan, 1)
     assert a.lr.tobytes() == b.lr.tobytes() and a.records == b.records
     other = make_epoch_plan(folder.images, small_cfg, 12, 2)
     c = engine.make_batch_from_refs(folder, 12, 2, 1, plan.batch(1))  # same patches, other seed
@@ -87,11 +88,12 @@ def test_worker_pool_matches_inline(folder, small_cfg):
 def test_v1_ending_and_vcisr_code_profile(folder, device):
     cfg = DegradationConfig(video_batch_size=4, first_batch_range=(4, 4), v2_prob=0.0)
     plan = make_epoch_plan(folder.images, cfg, 0, 0)
-    res = Engine(cfg, device=device).make_batch(folder, plan, 0, want_usm=False)
+    res = Engine(cfg, device=device, codec=VideoRoundTrip()).make_batch(folder, plan, 0, want_usm=False)
     assert res.hr_usm is None and res.lr.shape == (4, 90, 90, 3)
     assert all(r["ending"] == "v1" and r["codec"] is None and 30 <= r["jpeg2_quality"] <= 95 for r in res.records)
     code = DegradationConfig.for_profile("vcisr-code", video_batch_size=4, first_batch_range=(4, 4))
-    res = Engine(code, device=device).make_batch(folder, make_epoch_plan(folder.images, code, 0, 0), 0)
+    code_plan = make_epoch_plan(folder.images, code, 0, 0)
+    res = Engine(code, device=device, codec=VideoRoundTrip()).make_batch(folder, code_plan, 0)
     assert res.lr.shape == (4, 90, 90, 3)
     assert len({str(r["kernel1"]) for r in res.records}) == 1  # one kernel per video batch
 
@@ -99,7 +101,7 @@ def test_v1_ending_and_vcisr_code_profile(folder, device):
 def test_codec_failure_falls_back_and_is_recorded(folder):
     cfg = DegradationConfig(video_batch_size=4, first_batch_range=(4, 4), v2_prob=1.0)
     plan = make_epoch_plan(folder.images, cfg, 0, 0)
-    res = Engine(cfg, backend=BrokenBackend()).make_batch(folder, plan, 0)
+    res = Engine(cfg, codec=VideoRoundTrip(BrokenBackend())).make_batch(folder, plan, 0)
     assert len(res) == 4 and res.lr.shape == (4, 90, 90, 3)  # nothing lost
     assert res.codec_failures == 1
     for r in res.records:
@@ -118,8 +120,8 @@ def test_bad_batch_index_is_an_error(folder, small_cfg):
 def test_resize_sizes_follow_the_spec(photo_patches, profile, s1, s2):
     """First resize relative to the HR size; second relative to the TARGET size (Real-ESRGAN),
     or to the current size under the vcisr-code quirk."""
-    from server.params import ResizeDraw, sample_batch_params
-    from server.seeding import make_generator
+    from server.degradation.params import ResizeDraw, sample_batch_params
+    from server.degradation.seeding import make_generator
 
     cfg = DegradationConfig.for_profile(profile)
     p = sample_batch_params(cfg, 2, make_generator(0, 0, 0, "params"))

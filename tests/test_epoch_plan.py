@@ -2,9 +2,9 @@ from collections import Counter
 
 import pytest
 
-from server.config import DegradationConfig
-from server.epoch_plan import make_epoch_plan
-from server.images import ImageInfo
+from server.degradation.config import DegradationConfig
+from server.degradation.epoch_plan import make_epoch_plan
+from server.degradation.images import ImageInfo
 
 IMAGES = [ImageInfo("b.png", 1000, 800), ImageInfo("a.png", 720, 360), ImageInfo("c.png", 361, 1500)]
 CFG = DegradationConfig()

@@ -1,4 +1,4 @@
-"""Fast blur / USM (server/filters.py) against the plain Real-ESRGAN formulas.
+"""Fast blur / USM (server/degradation/filters.py) against the plain Real-ESRGAN formulas.
 
 Spec 3.4: a faster reformulation must match the plain formula within 1/255
 per pixel.  Each test asserts that bound and prints the measured maximum
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.stages import photo_patches, random_kernels
-from server.config import SINC
-from server.filters import (
+from server.degradation.config import SINC
+from server.degradation.filters import (
     blur,
     blur_reference,
     decompose_kernels,
@@ -27,7 +27,7 @@ from server.filters import (
     usm_sharpen,
     usm_sharpen_reference,
 )
-from server.kernels import build_kernels
+from server.degradation.kernels import build_kernels
 
 SPEC = 1 / 255
 BOUND = 1e-5 + 2e-5  # default L1 tolerance of the factorisation + float32 rounding
@@ -173,7 +173,7 @@ def test_usm_matches_reference_on_photos(photos):
 
 def test_usm_batched_fft_path_on_cpu(photos, monkeypatch):
     """The CUDA code path of usm_sharpen (batched FFT blurs), run on CPU."""
-    import server.filters as fl
+    import server.degradation.filters as fl
 
     x = photos[:6]
     ref = usm_sharpen_reference(x)
@@ -234,7 +234,7 @@ def test_rejects_bad_input():
 def test_near_delta_kernels_radius_zero_match_reference():
     """Tiny sigmas give kernels whose taps beyond the centre are below tolerance
     (effective radius 0): the banded path must still cover every output pixel."""
-    from server.kernels import build_kernels
+    from server.degradation.kernels import build_kernels
 
     n = 6
     kind = torch.zeros(n, dtype=torch.long)
@@ -249,7 +249,7 @@ def test_near_delta_kernels_radius_zero_match_reference():
 
 
 def test_block_split_always_leaves_a_nonempty_last_block():
-    from server.filters import _split
+    from server.degradation.filters import _split
 
     for n in range(1, 400):
         for r in range(0, 26):

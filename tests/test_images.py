@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.images import ImageFolder, decode_rgb8
+from server.degradation.images import ImageFolder, decode_rgb8
 
 
 @pytest.fixture()

@@ -1,4 +1,4 @@
-"""JPEG round trip (server/jpeg.py): libjpeg-turbo and kornia DiffJPEG."""
+"""JPEG round trip (server/degradation/jpeg.py): libjpeg-turbo and kornia DiffJPEG."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks.stages import photo_patches
-from server.jpeg import from_uint8, jpeg_backend, jpeg_roundtrip, to_uint8
+from server.degradation.jpeg import from_uint8, jpeg_backend, jpeg_roundtrip, to_uint8
 
 
 def psnr(a, b):
@@ -104,7 +104,7 @@ def test_from_uint8_same_bits_on_the_device(device):
 
 
 def test_pillow_fallback_matches_torchvision(crops, monkeypatch):
-    import server.jpeg as J
+    import server.degradation.jpeg as J
 
     q = torch.tensor([30.0, 50.0, 70.0, 80.0, 90.0, 95.0])
     a = jpeg_roundtrip(crops, q)

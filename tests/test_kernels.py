@@ -1,4 +1,4 @@
-"""Real-ESRGAN kernel formulas (server/kernels.py) against independent float64 closed forms."""
+"""Real-ESRGAN kernel formulas (server/degradation/kernels.py) against independent float64 closed forms."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import scipy.special
 import torch
 
-from server.config import KERNEL_NAMES, SINC
-from server.kernels import build_kernels, final_sinc_kernels, flush_subnormals, true_sizes
+from server.degradation.config import KERNEL_NAMES, SINC
+from server.degradation.kernels import build_kernels, final_sinc_kernels, flush_subnormals, true_sizes
 
 ISO, ANISO, GISO, GANISO, PISO, PANISO = range(6)
 

@@ -1,4 +1,4 @@
-"""Gaussian / Poisson noise (server/noise.py): statistics, gray handling, determinism."""
+"""Gaussian / Poisson noise (server/degradation/noise.py): statistics, gray handling, determinism."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from server.noise import (
+from server.degradation.noise import (
     _Uniforms,
     _unique_count_pow2,
     add_gaussian_noise,

@@ -23,10 +23,10 @@ import pytest
 import torch
 from av.video.frame import VideoFrame
 from av.video.reformatter import VideoReformatter
+from conftest import MID
 from skimage import data
 
-from server.codecs import CodecError, SoftwareBackend, VideoParams, compress_video
-from server.codecs import nvcodec, selection, software
+from server.codecs import CodecError, SoftwareBackend, VideoParams, compress_video, nvcodec, selection, software
 from server.codecs.nv12 import (
     chroma_taps,
     crop,
@@ -43,12 +43,6 @@ from server.codecs.nv12 import (
 from server.codecs.nvcodec import CodecLimits, HardwareCaps, NvCodecBackend
 
 SOFTWARE = SoftwareBackend()
-MID = {
-    "mpeg2video": VideoParams("mpeg2video", fps=25, bitrate_kbps=5000),
-    "mpeg4": VideoParams("mpeg4", fps=24, bitrate_kbps=5000),
-    "libx264": VideoParams("libx264", fps=24, crf=26, preset="medium"),
-    "libx265": VideoParams("libx265", fps=24, crf=31, preset="fast"),
-}
 
 
 def _pan(img: np.ndarray, n: int, size=(90, 90), dx: int = 6, dy: int = 2) -> np.ndarray:
@@ -759,15 +753,7 @@ def test_software_halves_equal_the_round_trip(clip, codec, ratio):
     assert video.n_frames == len(clip) and video.nbytes == len(video.bitstream())
     assert np.array_equal(software.decode_packets(video), ref)
     # frames decoded elsewhere, converted by the software path's swscale call
-    dec = av.CodecContext.create(video.decoder, "r")
-    dec.open()
-    yuv = []
-    for d, t in zip(video.packets, video.pts):
-        pk = av.Packet(d)
-        pk.pts = t
-        yuv += [f.to_ndarray() for f in dec.decode(pk)]
-    yuv += [f.to_ndarray() for f in dec.decode(None)]
-    assert np.array_equal(software.yuv420p_to_rgb(np.stack(yuv), video.plan, codec), ref)
+    assert np.array_equal(software.yuv420p_to_rgb(_pyav_yuv(video), video.plan, codec), ref)
 
 
 def test_encode_to_packets_pads_for_hardware(clip, odd_clip):
@@ -927,6 +913,7 @@ def gpu_caps() -> HardwareCaps:
 
 
 def _pyav_yuv(video: software.EncodedVideo) -> np.ndarray:
+    """The YUV 4:2:0 planes of ``video`` as PyAV's FFmpeg decoder gives them (one thread)."""
     dec = av.CodecContext.create(video.decoder, "r")
     dec.thread_count = 1
     dec.open()

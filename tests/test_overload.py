@@ -25,7 +25,7 @@ import pytest
 from client import DegradeClient, DegradeError
 from client.protocol import degrade_pb2 as pb
 from client.protocol import degrade_pb2_grpc as pbg
-from server.fairness import FairShare, QueueFull
+from server.service.fairness import FairShare, QueueFull
 
 SEED = 5
 

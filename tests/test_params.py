@@ -8,9 +8,9 @@ import pytest
 import torch
 from scipy import stats
 
-from server.config import CODECS, KERNEL_NAMES, PRESETS, RESIZE_MODES, DegradationConfig
-from server.params import sample_batch_params
-from server.seeding import make_generator
+from server.degradation.config import CODECS, KERNEL_NAMES, PRESETS, RESIZE_MODES, DegradationConfig
+from server.degradation.params import sample_batch_params
+from server.degradation.seeding import make_generator
 
 CFG = DegradationConfig()
 P_MIN = 1e-3  # fixed seeds: deterministic, and a real bias of a few % fails

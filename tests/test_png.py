@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.png import encode_png, write_png
+from server.pipeline.png import encode_png, write_png
 
 
 @pytest.mark.parametrize("level", [0, 1, 6, 9])

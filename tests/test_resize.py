@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.resize import resize
+from server.degradation.resize import resize
 
 
 @pytest.mark.parametrize("mode", ["area", "bilinear", "bicubic"])

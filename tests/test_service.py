@@ -21,10 +21,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from client import DegradeClient, DegradeError
 from client.protocol import degrade_pb2 as pb
 from client.protocol import degrade_pb2_grpc as pbg
-from server.config import DegradationConfig
-from server.engine import Engine
-from server.epoch_plan import make_epoch_plan
-from server.images import ImageFolder
+from server.codecs import VideoRoundTrip
+from server.degradation.config import DegradationConfig
+from server.degradation.engine import Engine
+from server.degradation.epoch_plan import make_epoch_plan
+from server.degradation.images import ImageFolder
 
 SEED = 7
 
@@ -63,7 +64,7 @@ def test_full_epoch_arrives_exactly_once_with_engine_bytes(make_server, photo_di
     expected = [f"e0/{r.image}/{r.x}_{r.y}" for k in range(plan.num_batches) for r in plan.batch(k)]
     assert Counter(ids) == Counter(expected) and len(ids) == 7
     assert sorted(b.index for b in batches) == list(range(plan.num_batches))
-    engine = Engine(cfg)
+    engine = Engine(cfg, codec=VideoRoundTrip())
     for b in batches:
         n = len(plan.batch(b.index))
         assert b.lr.shape == (n, 90, 90, 3) and b.lr.dtype == np.uint8
@@ -299,7 +300,7 @@ def test_sigterm_goes_not_serving_then_exits(photo_dir, service_cfg_file, pipeli
         n = stub.GetInfo(pb.InfoRequest(seed=1)).batches_per_epoch
         running = stub.StreamBatches(pb.BatchRequest(seed=1, index_range=pb.IndexRange(start=0, stop=n),
                                                      include_hr=True, include_hr_usm=True, max_chunk_bytes=1))
-        first = next(running)  # a stream in flight, its client reading slowly
+        next(running)  # a stream in flight, its client reading slowly
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -328,7 +329,7 @@ def test_metrics_endpoint_and_health_probe(make_server):
         assert name in text
     pairs = float(re.search(r"^degrade_pairs_total (\S+)", text, re.M).group(1))
     assert pairs >= 1
-    from server.health_probe import main as probe
+    from server.service.health_probe import main as probe
 
     assert probe(["--address", address]) == 0
     assert probe(["--address", "127.0.0.1:1", "--timeout", "0.5"]) == 1
@@ -347,9 +348,8 @@ def test_reflection_lists_the_services(make_server):
 def test_skipped_batch_is_reported_not_lost(make_server, tmp_path):
     import shutil
 
-    from PIL import Image
-
     import skimage.data as d
+    from PIL import Image
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -369,7 +369,7 @@ def test_skipped_batch_is_reported_not_lost(make_server, tmp_path):
 def test_hardware_codec_request_without_a_gpu_falls_back_to_software(make_server):
     _, address = make_server(codec_backend="auto,libx264=hybrid")
     assert list(stub_for(address).GetInfo(pb.InfoRequest()).codec_backends) == ["software"]
-    from server.serve import main
+    from server.service.serve import main
 
     assert main(["--codec-backend", "quantum", "--port", "0"]) == 2  # a clear error, no traceback
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from codec_fakes import BrokenBackend, KillOnceBackend
 
-from server.config import DegradationConfig
-from server.images import ImageFolder
-from server.pipelines import make_producer, resolve_pipeline
-from server.pool import BatchProducer
-from server.shared_slots import SlotPool
-from server.split_pipeline import SplitProducer
+from server.degradation.config import DegradationConfig
+from server.degradation.images import ImageFolder
+from server.pipeline.batch import BatchProducer
+from server.pipeline.registry import make_producer, resolve_pipeline
+from server.pipeline.shared_slots import SlotPool
+from server.pipeline.split import SplitProducer
 
 # V1 and V2 endings both common, short batches: several batches of an epoch stay cheap
 MIXED = DegradationConfig(video_batch_size=3, first_batch_range=(2, 3), v2_prob=0.5)
@@ -169,7 +169,7 @@ def test_a_slot_pool_hands_out_each_slot_once():
 
 
 def test_a_small_dev_shm_means_fewer_slots_or_a_clear_error(monkeypatch, caplog):
-    import server.shared_slots as slots
+    import server.pipeline.shared_slots as slots
 
     each = slots.SlotSpec("x", 4, 16, 4).nbytes
     monkeypatch.setattr(slots, "shm_free_bytes", lambda path=slots.SHM_DIR: int(each * 3 / 0.8))

@@ -44,7 +44,7 @@ class CachedSource:
 @pytest.fixture(scope="module")
 def cached_source(photo_dir, service_cfg_file):
     from client.local import LocalSource
-    from server.config import DegradationConfig
+    from server.degradation.config import DegradationConfig
 
     src = CachedSource(LocalSource(photo_dir, cfg=DegradationConfig.from_file(service_cfg_file), workers=0))
     yield src

@@ -20,9 +20,9 @@ from client import DatasetMismatchError, DegradeClient
 from client.protocol import degrade_pb2 as pb
 from client.protocol import degrade_pb2_grpc as pbg
 from client.wire import Sharpener
-from server.config import DegradationConfig
-from server.fingerprint import DigestCache, dataset_digests, fingerprint, hash_file
-from server.images import ImageFolder
+from server.degradation.config import DegradationConfig
+from server.degradation.fingerprint import DigestCache, dataset_digests, fingerprint, hash_file
+from server.degradation.images import ImageFolder
 
 SEED = 9
 TINY = {"embed_dim": 16, "depths": [1, 1], "num_heads_window": [1, 1], "num_heads_stripe": [1, 1]}
@@ -125,8 +125,8 @@ def test_client_wire_modes_deliver_the_servers_bytes(make_server, hr_copy):
 def test_sharpening_here_is_the_engines_usm_on_the_cpu(photo_patches):
     cfg = DegradationConfig()
     sharp = Sharpener(cfg, "cpu")
-    from server.engine import to_uint8_nhwc
-    from server.filters import usm_sharpen
+    from server.degradation.engine import to_uint8_nhwc
+    from server.degradation.filters import usm_sharpen
 
     hr = torch.from_numpy(photo_patches).permute(0, 3, 1, 2).float().div_(255.0)
     expected = to_uint8_nhwc(usm_sharpen(hr, weight=cfg.usm_weight, threshold=cfg.usm_threshold,
@@ -169,7 +169,7 @@ def test_a_changed_local_image_is_a_clear_error(make_server, hr_copy, capsys):
 def test_a_batch_from_another_dataset_is_refused(photo_dir):
     from client.client import VideoBatch
     from client.wire import LocalHR
-    from server.fingerprint import FileDigest
+    from server.degradation.fingerprint import FileDigest
 
     files = [FileDigest("rocket.png", 1, "00", 640, 427)]
     local = LocalHR(photo_dir, files, 360, "a" * 64)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import VideoParams, aspect_width
+from server.degradation.video import VideoParams, aspect_width
 
 # BT.601 limited range ("studio swing"), 8 bit.
 _RGB_TO_Y = (65.481 / 255, 128.553 / 255, 24.966 / 255)

@@ -116,7 +116,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .base import CRF_CODECS, CodecBackend, CodecError, VideoParams
+from server.degradation.video import CRF_CODECS, CodecError, VideoParams
+
+from .base import CodecBackend
 
 log = logging.getLogger(__name__)
 

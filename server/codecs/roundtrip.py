@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from .base import CRF_LIMITS, CodecBackend, CodecError, VideoParams
+from server.degradation.video import CRF_LIMITS, CodecError, VideoParams
+
+from .base import CodecBackend
 from .software import SoftwareBackend
 
 #: The fallback when the caller gives none: the spec's most common codec at
@@ -136,7 +138,23 @@ def compress_video(
     return out, _record(_SOFTWARE.name, fb, failure, True)
 
 
+class VideoRoundTrip:
+    """:func:`compress_video` on one backend: the degradation engine's video codec
+    (:class:`server.degradation.video.VideoCodec`).  ``backend`` defaults to the
+    software backend (PyAV / FFmpeg in memory)."""
+
+    def __init__(self, backend: CodecBackend | None = None):
+        self.backend = backend if backend is not None else _SOFTWARE
+
+    def __call__(self, frames: np.ndarray, video: VideoParams) -> tuple[np.ndarray, dict[str, Any]]:
+        return compress_video(frames, video, self.backend)
+
+    def __repr__(self) -> str:
+        return f"VideoRoundTrip({self.backend.name})"
+
+
 __all__ = [
+    "VideoRoundTrip",
     "available_backends",
     "compress_video",
     "default_fallback",

@@ -33,7 +33,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
-from .base import CODECS, CodecBackend, CodecError, VideoParams
+from server.degradation.video import CODECS, CodecError, VideoParams
+
+from .base import CodecBackend
 
 if TYPE_CHECKING:  # no torch / PyNvVideoCodec import at module load
     from .nvcodec import HardwareCaps

@@ -32,7 +32,9 @@ import numpy as np
 from av.video.frame import VideoFrame
 from av.video.reformatter import VideoReformatter
 
-from .base import CodecBackend, CodecError, VideoParams, aspect_width, check_frames
+from server.degradation.video import CodecError, VideoParams, aspect_width
+
+from .base import CodecBackend, check_frames
 
 #: Decoder for each encoder: the bitstream format the encoder produces.
 DECODERS: dict[str, str] = {

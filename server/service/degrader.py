@@ -10,7 +10,7 @@ client reads (HTTP/2 flow control), and each stream keeps a bounded window of
 batches in flight in the shared worker pool, so a slow client slows its own
 stream and server memory stays bounded.
 
-Fairness under overload (server/fairness.py): the ``max_streams`` stream slots
+Fairness under overload (server/service/fairness.py): the ``max_streams`` stream slots
 and the pool's ``workers + prefetch`` production tickets are both granted
 least-served client first, round-robin among equals.  Streams past the slots
 wait in a bounded queue (past that: RESOURCE_EXHAUSTED); a stream submits a
@@ -45,13 +45,13 @@ import torch
 from google.protobuf.message import DecodeError
 
 from client.protocol import degrade_pb2 as pb
+from server.degradation.config import DegradationConfig
+from server.degradation.engine import BatchResult
+from server.degradation.fingerprint import FileDigest, fingerprint
+from server.pipeline.batch import BatchProducer
 
-from .config import DegradationConfig
-from .engine import BatchResult
 from .fairness import FairShare, QueueFull
-from .fingerprint import FileDigest, fingerprint
 from .metrics import ServiceMetrics
-from .pool import BatchProducer
 from .requests import BatchJob, RequestError, resolve_config, validate_batch_request
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class DegradeService:
                  max_waiting_streams: int | None = None, idle_stream_seconds: float = 60.0,
                  dataset_files: list[FileDigest] | None = None):
         self._codec_backends = sorted(codec_backends or ["software"])
-        #: the dataset fingerprint (server/fingerprint.py): per-file entries and the hash over them
+        #: the dataset fingerprint (server/degradation/fingerprint.py): per-file entries and the hash over them
         self.dataset_files = list(dataset_files or [])
         self.dataset_fingerprint = fingerprint(self.dataset_files) if dataset_files else ""
         self.producer = producer
@@ -251,7 +251,7 @@ class DegradeService:
         except RequestError as exc:
             self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         client = context.peer() or "unknown"
-        try:  # wait for a slot, fairly (see server/fairness.py)
+        try:  # wait for a slot, fairly (see server/service/fairness.py)
             got = self._slots.acquire(client, 1, stop=lambda: self._draining.is_set() or not context.is_active())
         except QueueFull:
             got = -1

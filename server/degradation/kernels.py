@@ -5,7 +5,7 @@ float64, on the ``pad_to x pad_to`` grid; entries outside the kernel's true
 ``size x size`` window are zeroed, the kernel is normalised to sum 1 over its
 true window, then returned (zero-padded, centred) as float32 by default.
 
-Type codes (``server.config``): iso=0, aniso=1, generalized_iso=2,
+Type codes (``server.degradation.config``): iso=0, aniso=1, generalized_iso=2,
 generalized_aniso=3, plateau_iso=4, plateau_aniso=5, sinc=6 (``config.SINC``).
 
 Formulas (x = column offset, y = row offset from the centre, as in
@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from server.config import SINC
+from server.degradation.config import SINC
 
 ISO, ANISO, GENERALIZED_ISO, GENERALIZED_ANISO, PLATEAU_ISO, PLATEAU_ANISO = range(6)
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from .video import CODECS, PRESETS
+
 KERNEL_TYPES = (
     "iso",
     "aniso",
@@ -32,8 +34,6 @@ SINC = len(KERNEL_TYPES)
 KERNEL_NAMES = KERNEL_TYPES + ("sinc",)
 
 RESIZE_MODES = ("area", "bilinear", "bicubic")
-# the codec table's names live with the codec contract (pure data, no codec library imported)
-from .codecs.base import CODECS, PRESETS  # noqa: E402
 PROFILES = ("vcisr", "vcisr-code")
 
 

@@ -1,6 +1,6 @@
 """Preallocated shared-memory slots: how HR patches and video frames cross processes.
 
-The split pipeline (``server.split_pipeline``) moves a video batch between the
+The split pipeline (``server.pipeline.split``) moves a video batch between the
 pool workers (HR decode + crop, the codec round trip) and the device stage in
 the main process.  Pickling those arrays would copy ~100 MB per 128-patch batch
 through a pipe twice; instead each batch in flight owns one *slot*: a

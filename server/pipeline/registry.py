@@ -1,8 +1,8 @@
 """Which pipeline makes the batches: ``--pipeline auto|split|batch``.
 
-* ``batch`` (``server.pool.BatchProducer``): every worker process makes whole
+* ``batch`` (``server.pipeline.batch.BatchProducer``): every worker process makes whole
   batches on the CPU; with a GPU engine it runs in-process, one batch at a time.
-* ``split`` (``server.split_pipeline.SplitProducer``): one device stage owns
+* ``split`` (``server.pipeline.split.SplitProducer``): one device stage owns
   the engine's device for the image stages; a pool on the other cores decodes
   HR images and runs the codecs; arrays travel in shared memory.
 * ``auto``: ``split`` when the engine's device is not the CPU, else ``batch``
@@ -14,11 +14,11 @@ Both give the same bytes for the same (seed, epoch, batch index, config, codec p
 
 from __future__ import annotations
 
+from server.codecs import CodecBackend
+from server.degradation.config import DegradationConfig
+from server.degradation.images import ImageFolder
 
-from .codecs import CodecBackend
-from .config import DegradationConfig
-from .images import ImageFolder
-from .pool import BatchProducer
+from .batch import BatchProducer
 
 PIPELINES = ("auto", "split", "batch")
 
@@ -40,7 +40,7 @@ def make_producer(folder: ImageFolder, cfg: DegradationConfig, *, pipeline: str 
     kw = dict(workers=workers, device=str(device), backend=backend, keep_precodec=keep_precodec,
               time_stages=time_stages, prefetch=prefetch)
     if kind == "split":
-        from .split_pipeline import SplitProducer
+        from .split import SplitProducer
 
         return SplitProducer(folder, cfg, **kw)
     return BatchProducer(folder, cfg, **kw)

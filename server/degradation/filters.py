@@ -43,7 +43,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from server.kernels import flush_subnormals
+from server.degradation.kernels import flush_subnormals
 
 __all__ = [
     "blur",

@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .config import ConfigError, DegradationConfig
-from .epoch_plan import EpochPlan
+from server.degradation.config import ConfigError, DegradationConfig
+from server.degradation.epoch_plan import EpochPlan
 
 #: Largest accepted config-overrides JSON text.
 MAX_OVERRIDES_BYTES = 16 * 1024

@@ -1,7 +1,7 @@
 """HR patch loading with NVIDIA DALI (optional extra ``vcisr-degrade[dali]``).
 
-:class:`DaliPatchLoader` returns exactly what :func:`server.engine.crop_patches`
-returns for the same :class:`~server.epoch_plan.PatchRef` tuple (same epoch
+:class:`DaliPatchLoader` returns exactly what :func:`server.degradation.engine.crop_patches`
+returns for the same :class:`~server.degradation.epoch_plan.PatchRef` tuple (same epoch
 plan, same bytes), but decodes the HR photographs with DALI: on the GPU
 (``device="gpu"``, DALI's ``mixed`` nvJPEG / nvImageCodec backend) or on the
 CPU (``device="cpu"``, DALI's libjpeg-turbo / libpng backend, which runs
@@ -16,7 +16,7 @@ exact - there is no resampling, so the crop itself can never differ from
 
 Which files DALI decodes, and which fall back to the CPU path
 ---------------------------------------------------------------
-:mod:`server.images` converts grayscale, palette, RGBA/LA, CMYK, 16-bit and
+:mod:`server.degradation.images` converts grayscale, palette, RGBA/LA, CMYK, 16-bit and
 EXIF-rotated images to 8-bit RGB with PIL in a specific way (alpha dropped,
 16-bit scaled by 1/257, ...).  DALI's decoder may convert those differently, so
 only files whose decoded pixels are the plain stored 8-bit RGB samples go to
@@ -28,7 +28,7 @@ DALI:
 
 both with no EXIF orientation other than 1.  Everything else (gray, palette,
 alpha, 16-bit, CMYK, rotated, BMP / TIFF / WebP / PPM, multi-frame) is decoded
-by :meth:`ImageFolder.load` (``server.images.decode_rgb8``) exactly as the CPU
+by :meth:`ImageFolder.load` (``server.degradation.images.decode_rgb8``) exactly as the CPU
 loader does; on the GPU those images are then uploaded with one host-to-device
 copy each.  The check reads only the file header (PIL lazy open) and is cached
 per image name.
@@ -56,8 +56,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from .epoch_plan import PatchRef
-from .images import ImageFolder
+from server.degradation.epoch_plan import PatchRef
+from server.degradation.images import ImageFolder
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .codecs.base import VideoParams
 from .config import CODECS, KERNEL_NAMES, PRESETS, RESIZE_MODES, SINC, DegradationConfig
+from .video import VideoParams
 
 
 # ---------------------------------------------------------------------------

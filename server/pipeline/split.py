@@ -15,13 +15,13 @@ A video batch travels through three places, each bounded::
   device stage uses) decodes and crops HR images and runs the video block
   (software encode + decode, or whatever the codec plan's backend does);
 * arrays cross processes through preallocated shared-memory **slots**
-  (``server.shared_slots``), one per batch in flight: only a few bytes of
+  (``server.pipeline.shared_slots``), one per batch in flight: only a few bytes of
   parameters are pickled.  The slot count bounds memory; a consumer that stops
   reading keeps its slots, so the pipeline stops with it (backpressure).
 
 Every step calls the same functions as the whole-batch path
-(:func:`server.engine.crop_patches`, :meth:`Engine.device_stage`,
-:func:`server.engine.video_block`), so on the CPU both give the same bytes and
+(:func:`server.degradation.engine.crop_patches`, :meth:`Engine.device_stage`,
+:func:`server.degradation.engine.video_block`), so on the CPU both give the same bytes and
 the same records.  A worker that dies is replaced and its task (load or codec,
 whose input is still in the slot) runs again; a batch that kills workers
 three times is reported as failed, like any batch that cannot be made.
@@ -41,12 +41,13 @@ from typing import Any, Iterator
 
 import torch
 
-from .codecs import CodecBackend, SoftwareBackend
-from .config import DegradationConfig
-from .engine import NO_CODEC, BatchResult, DeviceOutput, Engine, crop_patches, video_block
-from .epoch_plan import PatchRef
-from .images import ImageFolder, ImageInfo
-from .pool import BatchProducer, _EngineCache, default_workers
+from server.codecs import CodecBackend, VideoRoundTrip
+from server.degradation.config import DegradationConfig
+from server.degradation.engine import NO_CODEC, BatchResult, DeviceOutput, Engine, crop_patches, video_block
+from server.degradation.epoch_plan import PatchRef
+from server.degradation.images import ImageFolder, ImageInfo
+
+from .batch import BatchProducer, _EngineCache, default_workers
 from .shared_slots import Slot, SlotPool, SlotSpec, attach, detach
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ _WORKER: dict = {}
 def _init_worker(root: str, images: list[ImageInfo], patch_size: int, backend: CodecBackend | None) -> None:
     torch.set_num_threads(1)  # the workers decode and code; torch is not used there
     _WORKER["folder"] = ImageFolder(root, patch_size, images=images)
-    _WORKER["backend"] = backend or SoftwareBackend()
+    _WORKER["codec"] = VideoRoundTrip(backend)
 
 
 def _load_task(spec: SlotSpec, refs: tuple[PatchRef, ...]) -> float:
@@ -81,7 +82,7 @@ def _codec_task(spec: SlotSpec, n: int, video) -> tuple[dict, float]:
     t0 = time.perf_counter()
     slot = attach(spec)
     try:
-        out, info = video_block(slot.frames[:n], video, _WORKER["backend"])
+        out, info = video_block(slot.frames[:n], video, _WORKER["codec"])
         slot.lr[:n] = out
     finally:
         detach(slot)
@@ -117,7 +118,7 @@ class _Job:
 
 
 class SplitProducer(BatchProducer):
-    """:class:`~server.pool.BatchProducer`'s interface on the split pipeline (see the module docstring).
+    """:class:`~server.pipeline.batch.BatchProducer`'s interface on the split pipeline (see the module docstring).
 
     ``workers``: pool processes (default: every core but one; at least one).
     ``group``: batches per device launch group.  ``slots``: batches in flight in

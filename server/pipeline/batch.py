@@ -23,11 +23,11 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .codecs import CodecBackend
-from .config import DegradationConfig
-from .engine import BatchResult, Engine
-from .epoch_plan import EpochPlan, PatchRef, make_epoch_plan
-from .images import ImageFolder, ImageInfo
+from server.codecs import CodecBackend, VideoRoundTrip
+from server.degradation.config import DegradationConfig
+from server.degradation.engine import BatchResult, Engine
+from server.degradation.epoch_plan import EpochPlan, PatchRef, make_epoch_plan
+from server.degradation.images import ImageFolder, ImageInfo
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class _EngineCache:
         if engine is None:
             cfg = self.default if cfg_json is None else DegradationConfig.from_dict(json.loads(cfg_json))
             engine = self._engines[cfg_json] = Engine(cfg, device=self.device, keep_precodec=self.keep_precodec,
-                                                        backend=self.backend, time_stages=self.time_stages)
+                                                        codec=VideoRoundTrip(self.backend), time_stages=self.time_stages)
             while len(self._engines) > self.SIZE:
                 self._engines.popitem(last=False)
         self._engines.move_to_end(cfg_json)
@@ -88,7 +88,7 @@ class BatchProducer:
     at most ``workers + prefetch`` of its own batches in flight.
 
     This is the *whole-batch* pipeline (``--pipeline batch``): each worker makes
-    whole batches on the CPU.  ``server.split_pipeline.SplitProducer`` has the
+    whole batches on the CPU.  ``server.pipeline.split.SplitProducer`` has the
     same interface and splits a batch between a device stage and the pool.
     """
 

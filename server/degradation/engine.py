@@ -2,9 +2,11 @@
 
 Spec sections 3-9.  Every stage is a batched torch operation on the engine's
 device (CPU or CUDA, unchanged code); the video block runs on uint8 frames
-through a codec backend.  A batch is a pure function of (images, config, run
-seed, epoch, batch index): parameters come from a CPU generator seeded by that
-triple, noise from a generator on the engine's device seeded the same way.
+through the :class:`~server.degradation.video.VideoCodec` the engine is given
+(``server.codecs.VideoRoundTrip``: PyAV / FFmpeg, or NVENC / NVDEC).  A batch
+is a pure function of (images, config, run seed, epoch, batch index):
+parameters come from a CPU generator seeded by that triple, noise from a
+generator on the engine's device seeded the same way.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ import numpy as np
 import torch
 
 from . import filters, jpeg, kernels, noise
-from .resize import resize
-from .codecs import CodecBackend, CodecError, SoftwareBackend, VideoParams, compress_video
 from .config import DegradationConfig
 from .epoch_plan import EpochPlan, PatchRef
 from .images import ImageFolder
 from .params import BatchParams, KernelDraw, NoiseDraw, sample_batch_params, select_patches
+from .resize import resize
 from .seeding import make_generator
+from .video import CodecError, VideoCodec, VideoParams
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +94,15 @@ class Engine:
     """Runs the VCISR degradation of spec sections 3-6 on one device.
 
     A batch is three steps, which the whole-batch path (:meth:`make_batch`) runs
-    one after another and the split pipeline (``server.split_pipeline``) runs in
+    one after another and the split pipeline (``server.pipeline.split``) runs in
     different places: HR crops (:func:`crop_patches`, CPU), the device stage
     (:meth:`device_stage`: USM, first and second order, the ending up to the codec
     boundary), and the video block (:func:`video_block`, CPU codecs).  Both paths
     call these same functions, so both give the same bytes.
+
+    ``codec``: the video block's round trip (``server.codecs.VideoRoundTrip()`` for
+    the software codecs).  An engine without one makes V1 batches and runs the device
+    stage; a batch that needs a codec then stops with a clear error.
 
     ``time_stages``: per-stage timings in :attr:`BatchResult.timings`.  Off, the
     engine never waits for the device; on, CUDA stages are timed with CUDA events
@@ -104,7 +110,7 @@ class Engine:
     """
 
     def __init__(self, cfg: DegradationConfig | None = None, device: str | torch.device = "cpu",
-                 backend: CodecBackend | None = None, keep_precodec: bool = False, time_stages: bool = False):
+                 codec: VideoCodec | None = None, keep_precodec: bool = False, time_stages: bool = False):
         self.cfg = cfg or DegradationConfig()
         self.keep_precodec = keep_precodec
         self.time_stages = time_stages
@@ -112,7 +118,7 @@ class Engine:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu")
         self.jpeg_impl = resolve_jpeg_impl(self.cfg.jpeg_impl, self.device)
-        self.backend = backend or SoftwareBackend()
+        self.codec = codec
         self._timings: dict[str, float] = {}
         self._events: list[tuple[str, Any, Any]] = []
 
@@ -185,7 +191,7 @@ class Engine:
         precodec = frames.copy() if (self.keep_precodec and out.needs_codec) else None
         if out.needs_codec:
             with self._host_stage("codec"):
-                lr8, codec_info = video_block(frames, out.params.video, self.backend)
+                lr8, codec_info = video_block(frames, out.params.video, self._require_codec())
         else:
             lr8, codec_info = frames, dict(NO_CODEC)
         with self._host_stage("pack"):
@@ -196,6 +202,13 @@ class Engine:
             codec_failures=int(codec_info.get("codec_failure") is not None),
             precodec=precodec, video=out.params.video if out.needs_codec else None,
         )
+
+    def _require_codec(self) -> VideoCodec:
+        if self.codec is None:
+            raise RuntimeError("this batch ends in the video block (spec 4.4, V2 ending) but the Engine has no video "
+                               "codec; pass codec=server.codecs.VideoRoundTrip() (software) or one on a hardware "
+                               "backend")
+        return self.codec
 
     def device_stage(self, hr8: np.ndarray, seed: int, epoch: int, index: int, *,
                      want_usm: bool = True) -> DeviceOutput:
@@ -332,12 +345,12 @@ class Engine:
         return rec
 
 
-def video_block(frames: np.ndarray, video: VideoParams, backend: CodecBackend) -> tuple[np.ndarray, dict]:
+def video_block(frames: np.ndarray, video: VideoParams, codec: VideoCodec) -> tuple[np.ndarray, dict]:
     """The video block of spec section 6 on uint8 frames ``(n, L, L, 3)``: the decoded frames and
     the codec outcome.  When every retry and the fallback failed, the frames go on uncompressed
     and the outcome says why (the run goes on)."""
     try:
-        out, info = compress_video(frames, video, backend)
+        out, info = codec(frames, video)
     except CodecError as exc:
         log.error("video block failed for every codec, LR left uncompressed: %s", exc)
         return frames, {**NO_CODEC, "codec_failure": str(exc), "fallback": True}

@@ -33,14 +33,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from client.protocol import degrade_pb2 as pb
+from server.degradation.config import PROFILES, ConfigError, DegradationConfig
+from server.degradation.fingerprint import dataset_digests, fingerprint
+from server.degradation.images import ImageFolder
+from server.pipeline.batch import default_workers
+from server.pipeline.registry import add_pipeline_argument, make_producer
 
-from .config import PROFILES, ConfigError, DegradationConfig
-from .fingerprint import dataset_digests, fingerprint
-from .images import ImageFolder
-from .pipelines import add_pipeline_argument, make_producer
-from .pool import default_workers
+from .degrader import SERVICE_NAME, DegradeService, package_version
 from .requests import MAX_CHUNK_BYTES
-from .service import SERVICE_NAME, DegradeService, package_version
 
 log = logging.getLogger("degrade.server")
 
@@ -171,7 +171,7 @@ def create_server(config: ServerConfig) -> tuple[DegradeServer, int]:
     if config.images is not None:
         root = config.images
     else:
-        from .sample_data import ensure_sample_data
+        from server.degradation.sample_data import ensure_sample_data
 
         root = ensure_sample_data(progress=False)
     folder = ImageFolder(root, cfg.patch_size)
@@ -183,7 +183,7 @@ def create_server(config: ServerConfig) -> tuple[DegradeServer, int]:
     device = config.resolved_device()
     backend, backend_names = None, ["software"]
     if device != "cpu" or config.codec_backend not in ("auto", "software"):
-        from .codecs.selection import build_backend
+        from server.codecs.selection import build_backend
 
         backend, plan = build_backend(override=config.codec_backend, device=device)
         log.info("codec backends:\n%s", plan.explain())
