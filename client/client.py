@@ -332,7 +332,7 @@ class DegradeClient:
             return self._side
 
     def degradation_config(self) -> Any:
-        """The ``server.config.DegradationConfig`` the servers make this client's batches with."""
+        """The ``server.degradation.config.DegradationConfig`` the servers make this client's batches with."""
         return self.prepare().cfg
 
     # ------------------------------------------------------------------
@@ -606,7 +606,12 @@ class _Run:
                                       index_list=pb.IndexList(indices=[k for _, k in group]),
                                       include_hr=client.include_hr, include_hr_usm=client.include_hr_usm,
                                       config_overrides_json=client.config_overrides_json)
-            call = stub.StreamBatches(request, metadata=client._metadata)
+            try:
+                call = stub.StreamBatches(request, metadata=client._metadata)
+            except ValueError as exc:  # grpc: "Channel closed!" - the client was closed under this thread
+                if not self.stopping.is_set():
+                    self._fatal(DegradeError(f"{address}: the client was closed while streaming ({exc})"))
+                return
             with self.cond:
                 self.calls.add(call)
             try:

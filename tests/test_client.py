@@ -70,7 +70,7 @@ def test_dataset_workers_share_an_epoch_exactly_once(make_server):
 def test_local_source_matches_the_server(make_server, photo_dir, service_cfg_file):
     from client import DegradeClient
     from client.local import LocalSource
-    from server.config import DegradationConfig
+    from server.degradation.config import DegradationConfig
 
     _, address = make_server()
     local = LocalSource(photo_dir, cfg=DegradationConfig.from_file(service_cfg_file), workers=0)
@@ -118,7 +118,7 @@ SEED_ORDER = 11
 def test_training_stream_resumes_exactly_from_its_state(photo_dir, service_cfg_file):
     from client.local import LocalSource
     from model.data import TrainingStream
-    from server.config import DegradationConfig
+    from server.degradation.config import DegradationConfig
 
     cfg = DegradationConfig.from_file(service_cfg_file)
     src = LocalSource(photo_dir, cfg=cfg, workers=0)
@@ -139,3 +139,29 @@ def test_training_stream_resumes_exactly_from_its_state(photo_dir, service_cfg_f
         assert np.array_equal(x.lr, y.lr) and np.array_equal(x.hr_usm, y.hr_usm)
     ids = [r["patch_id"] for tb in head + tail for r in tb.records]
     assert len(ids) == len(set(ids))  # nothing twice
+
+
+def test_closing_the_client_mid_run_ends_the_run_with_a_clear_error(make_server):
+    """``close()`` while streams run (a trainer shutting down from another thread): the streams
+    end, and the iterator either finishes or raises DegradeError - no thread dies on a closed
+    channel, nothing hangs."""
+    import threading
+
+    from client import DegradeClient, DegradeError
+
+    _, address = make_server(workers=1)
+    died = []
+    old_hook = threading.excepthook
+    threading.excepthook = lambda args: died.append(args.exc_value)
+    try:
+        client = DegradeClient([address], group_size=1, streams_per_server=2, unreachable_timeout=20)
+        run = client.epochs(5)
+        next(run)
+        client.close()
+        with pytest.raises(DegradeError):
+            for _ in range(200):  # endless epochs: only an error ends this loop
+                next(run)
+        run.close()
+    finally:
+        threading.excepthook = old_hook
+    assert died == []
