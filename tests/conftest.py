@@ -19,6 +19,20 @@ from server.degradation.config import DegradationConfig
 from server.degradation.video import VideoParams
 
 
+def pytest_configure(config):
+    """SIGTERM (``timeout``, a CI runner or a developer stopping the suite) ends the run like Ctrl-C, so
+    fixture teardowns and ``finally`` blocks still kill the servers, clients and busy loops the tests
+    started in sessions of their own; the default action would orphan them, still eating the cores."""
+    import signal
+    import threading
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
 def pytest_addoption(parser):
     parser.addoption("--device", action="store", default="cpu", help="torch device for device tests: cpu or cuda")
 

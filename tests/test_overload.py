@@ -283,7 +283,9 @@ def test_six_clients_one_worker_and_a_busy_core_for_4_minutes(server_process, tm
     spawned: list[subprocess.Popen] = []
     env = dict(os.environ)
     try:
-        spawned.append(subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True))
+        # the busy loop ends by itself if this process dies without cleaning up (SIGKILL)
+        busy = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass\n"
+        spawned.append(subprocess.Popen([sys.executable, "-c", busy], start_new_session=True))
         go = time.time() + warmup  # pairs are counted from here, once every client is up and asking
         stop = go + seconds
         outs = [tmp_path / f"client{i}.json" for i in range(clients_n)]
