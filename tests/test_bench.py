@@ -20,3 +20,16 @@ def test_bench_smoke_writes_all_figures(photo_dir, tmp_path):
     assert set(res["stages_s_per_batch"]) >= {"load", "blur1", "jpeg1", "codec"}
     assert res["machine"]["cores"] >= 1 and res["workload"]["video_batch"] == 3
     assert all(c in ("mpeg2video", "mpeg4", "libx264", "libx265") for c in res["codec_mix"])
+
+
+def test_batch_hashes_agree_across_pipelines_and_change_with_the_seed(photo_dir, tmp_path, capsys):
+    from benchmarks.batch_hashes import main as hashes_main
+
+    out = tmp_path / "h.json"
+    assert hashes_main(["--images", str(photo_dir), "--batches", "1", "--json", str(out)]) == 0
+    first = json.loads(out.read_text())
+    assert sorted(first) == ["v1/batch", "v1/split", "vcisr/batch", "vcisr/split"]
+    assert first["vcisr/batch"] == first["vcisr/split"] != first["v1/batch"] == first["v1/split"]
+    assert "batch and split agree" in capsys.readouterr().out
+    hashes_main(["--images", str(photo_dir), "--batches", "1", "--seed", "8", "--json", str(out)])
+    assert json.loads(out.read_text())["vcisr/batch"] != first["vcisr/batch"]

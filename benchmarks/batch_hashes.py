@@ -1,0 +1,71 @@
+"""The bytes of a few batches, as hashes: proof that a refactor changed no output.
+
+    python -m benchmarks.batch_hashes [--seed 7] [--epoch 2] [--batches 4] [--json FILE]
+
+Makes ``--batches`` short video batches (8 patches, first one 4-8) of the
+built-in sample photographs with both pipelines (batch and split, one worker)
+and two configs: the spec's (``vcisr``: mostly V2 endings through the video
+codecs) and a V1-only one (JPEG endings).  For each of the four it prints one
+sha256 over every batch's LR, HR and sharpened-HR bytes and its records
+(sorted JSON).  Run it before and after a change and compare the lines; within
+one run, batch and split must agree.  CPU only: CUDA bytes differ from the
+CPU's by design.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from server.degradation import DegradationConfig, ImageFolder, ensure_sample_data
+from server.pipeline import make_producer
+
+CONFIGS = {
+    "vcisr": dict(video_batch_size=8, first_batch_range=(4, 8)),
+    "v1": dict(video_batch_size=8, first_batch_range=(4, 8), v2_prob=0.0),
+}
+
+
+def batch_hashes(images: Path, seed: int, epoch: int, batches: int) -> dict[str, str]:
+    """``{"<config>/<pipeline>": sha256 hex}`` for the first ``batches`` batches of ``epoch``."""
+    out = {}
+    for name, overrides in CONFIGS.items():
+        cfg = DegradationConfig(**overrides)
+        folder = ImageFolder(images, cfg.patch_size)
+        for pipeline in ("batch", "split"):
+            h = hashlib.sha256()
+            with make_producer(folder, cfg, pipeline=pipeline, workers=1) as producer:
+                for r in producer.produce(seed, epoch, range(batches)):
+                    for arr in (r.lr, r.hr, r.hr_usm):
+                        h.update(arr.tobytes())
+                    h.update(json.dumps(r.records, sort_keys=True).encode())
+            out[f"{name}/{pipeline}"] = h.hexdigest()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.batch_hashes", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=Path, default=None, help="HR folder (default: the built-in sample photographs)")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--epoch", type=int, default=2)
+    ap.add_argument("--batches", type=int, default=4, help="video batches per config and pipeline (default 4)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the hashes here")
+    args = ap.parse_args(argv)
+    if args.batches < 1:
+        ap.error("--batches must be >= 1")
+    images = args.images if args.images is not None else ensure_sample_data(progress=True)
+    hashes = batch_hashes(images, args.seed, args.epoch, args.batches)
+    for key, value in hashes.items():
+        print(f"{key:14s} {value}")
+    if args.json:
+        args.json.write_text(json.dumps(hashes, indent=1) + "\n")
+    agree = all(hashes[f"{c}/batch"] == hashes[f"{c}/split"] for c in CONFIGS)
+    print("batch and split agree" if agree else "batch and split DIFFER")
+    return 0 if agree else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
