@@ -35,6 +35,7 @@ import random
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Sized
 from dataclasses import dataclass, field
@@ -208,6 +209,7 @@ class DegradeClient:
         self._stubs = {a: pbg.DegraderStub(ch) for a, ch in self._channels.items()}
         self._health = {a: health_pb2_grpc.HealthStub(ch) for a, ch in self._channels.items()}
         self._metadata = auth_metadata(token)
+        self._runs: weakref.WeakSet[_Run] = weakref.WeakSet()  # runs whose streams close() must stop first
         self.streams_per_server = max(1, int(streams_per_server))
         self.group_size = max(1, int(group_size))
         self.wire = check_wire(wire, hr_root)
@@ -368,6 +370,7 @@ class DegradeClient:
         total = len(jobs) if isinstance(jobs, Sized) else None
         side = self.prepare() if self.wire != "full" else None  # e.g. the local copy is checked first
         run = _Run(self, seed, iter(jobs), total, side)
+        self._runs.add(run)
         try:
             if not ordered:
                 for item in run.results():
@@ -386,11 +389,16 @@ class DegradeClient:
                         yield got
                     nxt += 1
         finally:
+            self._runs.discard(run)
             run.stop()
             if side is not None:  # local work (torch) in the stream threads must not outlive the run
                 run.join(timeout=60)
 
     def close(self) -> None:
+        """Close the channels.  A run still streaming (``close()`` from another thread, or between two
+        batches) is stopped first, and its consumer gets a :class:`DegradeError` saying so."""
+        for run in list(self._runs):
+            run.abort(DegradeError("the client was closed while this run was streaming"))
         for ch in self._channels.values():
             ch.close()
 
@@ -437,6 +445,7 @@ class _Run:
         self.cond = threading.Condition()
         self.out: queue.Queue = queue.Queue(maxsize=client.queue_batches)
         self.stopping = threading.Event()
+        self.aborted: BaseException | None = None  # set by abort(): what the consumer raises next
         self.calls: set[Any] = set()
         self.started = self.last_progress = time.monotonic()
         self.threads = [
@@ -465,6 +474,8 @@ class _Run:
             try:
                 item = self.out.get(timeout=0.5)
             except queue.Empty:
+                if self.aborted is not None:
+                    raise self.aborted
                 now = time.monotonic()
                 unreachable = now - max(self.started, client.last_contact())
                 if unreachable > client.unreachable_timeout:
@@ -505,6 +516,11 @@ class _Run:
                 self.out.get_nowait()
             except queue.Empty:
                 break
+
+    def abort(self, exc: BaseException) -> None:
+        """Stop every stream (batches not yet taken are dropped); the consumer raises ``exc`` next."""
+        self.aborted = exc
+        self.stop()
 
     def join(self, timeout: float) -> None:
         """Wait (at most ``timeout`` s in all) for the stream threads to end after :meth:`stop`."""
@@ -608,7 +624,7 @@ class _Run:
                                       config_overrides_json=client.config_overrides_json)
             try:
                 call = stub.StreamBatches(request, metadata=client._metadata)
-            except ValueError as exc:  # grpc: "Channel closed!" - the client was closed under this thread
+            except ValueError as exc:  # grpc: "Channel closed!" - close() ran between our check and this call
                 if not self.stopping.is_set():
                     self._fatal(DegradeError(f"{address}: the client was closed while streaming ({exc})"))
                 return

@@ -146,6 +146,7 @@ def test_closing_the_client_mid_run_ends_the_run_with_a_clear_error(make_server)
     end, and the iterator either finishes or raises DegradeError - no thread dies on a closed
     channel, nothing hangs."""
     import threading
+    import time
 
     from client import DegradeClient, DegradeError
 
@@ -154,11 +155,13 @@ def test_closing_the_client_mid_run_ends_the_run_with_a_clear_error(make_server)
     old_hook = threading.excepthook
     threading.excepthook = lambda args: died.append(args.exc_value)
     try:
-        client = DegradeClient([address], group_size=1, streams_per_server=2, unreachable_timeout=20)
+        client = DegradeClient([address], group_size=1, streams_per_server=2, unreachable_timeout=20,
+                               health_interval=0.2)  # the health monitor probes the closed channel too
         run = client.epochs(5)
         next(run)
         client.close()
-        with pytest.raises(DegradeError):
+        time.sleep(1.0)
+        with pytest.raises(DegradeError, match="client was closed while"):
             for _ in range(200):  # endless epochs: only an error ends this loop
                 next(run)
         run.close()
