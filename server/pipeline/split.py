@@ -161,6 +161,8 @@ class SplitProducer(BatchProducer):
 
     def _ensure_device_thread(self) -> None:
         with self._lock:
+            if self._closed:  # a run that starts after close() must not leave a device stage nobody stops
+                raise RuntimeError("the batch producer was shut down")
             if self._device_thread is None:
                 self._device_thread = threading.Thread(target=self._device_loop, name="device-stage", daemon=True)
                 self._device_thread.start()
@@ -178,6 +180,10 @@ class SplitProducer(BatchProducer):
                 self._finish(job, exc)
                 return
             self._broken(job, stage, None)
+            return
+        except Exception as exc:  # noqa: BLE001 - e.g. no worker process could be started: this batch fails
+            log.error("batch %s: its %s stage could not be sent to the pool: %s", job.key, stage, exc)
+            self._finish(job, exc)
             return
         fut.add_done_callback(lambda f: self._stage_done(job, stage, generation, f))
 
@@ -272,15 +278,14 @@ class SplitProducer(BatchProducer):
                 try:
                     self._hand_over(j, out)
                     j.timings.update(Engine.read_timings(popped))
-                except Exception as exc:  # noqa: BLE001
+                    if out.needs_codec:
+                        self._submit(j, "codec")
+                    else:
+                        j.codec_info = dict(NO_CODEC)
+                        self._finish(j)
+                except Exception as exc:  # noqa: BLE001 - e.g. no worker process could be started
                     log.exception("device stage failed on batch %s", j.key)
                     self._finish(j, exc)
-                    continue
-                if out.needs_codec:
-                    self._submit(j, "codec")
-                else:
-                    j.codec_info = dict(NO_CODEC)
-                    self._finish(j)
             self._account("device", time.perf_counter() - t0)
 
     def _hand_over(self, job: _Job, out: DeviceOutput) -> None:
