@@ -34,3 +34,18 @@ class KillOnceBackend(SoftwareBackend):
             Path(self.marker).write_text(str(os.getpid()))
             os._exit(9)
         return super().roundtrip(frames, params)
+
+
+class HangingBackend(SoftwareBackend):
+    """A codec that never returns (a wedged encoder); a marker file says a worker is stuck in it."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.marker = marker
+
+    def roundtrip(self, frames, params):
+        import time
+
+        Path(self.marker).write_text(str(os.getpid()))
+        while True:
+            time.sleep(60)

@@ -16,6 +16,7 @@ import logging
 import multiprocessing as mp
 import os
 import threading
+import weakref
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -37,6 +38,48 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - non-Linux
         return max(1, os.cpu_count() or 1)
+
+
+#: producers whose worker pool is running.  A process that exits without closing one (an exception, a
+#: script that forgot) would otherwise wait at exit, in concurrent.futures' own exit hook, for the
+#: batches its workers are still making - or for ever, if a worker cannot finish.  Our hook runs before
+#: that one (hooks run in reverse order of registration) and ends those workers at once.
+_OPEN_POOLS: "weakref.WeakSet[BatchProducer]" = weakref.WeakSet()
+
+
+def _terminate_open_pools() -> None:
+    for producer in list(_OPEN_POOLS):
+        try:
+            producer.close(terminate=True)
+        except Exception:  # noqa: BLE001 - exiting anyway: the next producer must still be ended
+            log.exception("could not end the worker pool of %r at exit", producer)
+
+
+if hasattr(threading, "_register_atexit"):  # CPython >= 3.9: runs before the interpreter joins threads
+    threading._register_atexit(_terminate_open_pools)
+
+
+def _end_pool(pool: ProcessPoolExecutor, *, terminate: bool) -> None:
+    """Shut ``pool`` down without leaving a thread behind: with ``terminate`` its workers are ended at once
+    (SIGTERM, then SIGKILL after 5 s) and its manager thread is given 5 s to notice."""
+    if not terminate:
+        pool.shutdown(wait=True, cancel_futures=True)
+        return
+    manager = getattr(pool, "_executor_manager_thread", None)
+    procs = getattr(pool, "_processes", None) or {}  # the live dict: a worker started meanwhile is in it too
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in list(procs.values()):
+        proc.terminate()
+    for proc in list(procs.values()):
+        proc.join(5)
+        if proc.exitcode is None:
+            log.warning("worker process %d ignored SIGTERM for 5 s; killing it", proc.pid)
+            proc.kill()
+            proc.join(5)
+    if manager is not None and manager is not threading.current_thread():
+        manager.join(5)
+        if manager.is_alive():
+            log.warning("the worker pool's manager thread is still running 5 s after its workers ended")
 
 
 # --- worker process state -------------------------------------------------
@@ -150,6 +193,7 @@ class BatchProducer:
                 initializer, initargs = self._pool_initializer()
                 self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("forkserver"),
                                                  initializer=initializer, initargs=initargs)
+                _OPEN_POOLS.add(self)
             return self._pool, self._generation
 
     def _pool_initializer(self) -> tuple:
@@ -292,17 +336,9 @@ class BatchProducer:
         with self._lock:
             pool, self._pool = self._pool, None
             self._closed = self._closed or terminate
-        if pool is None:
-            return
-        if terminate:
-            procs = list((getattr(pool, "_processes", None) or {}).values())
-            pool.shutdown(wait=False, cancel_futures=True)
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                proc.join(5)
-        else:
-            pool.shutdown(wait=True, cancel_futures=True)
+            _OPEN_POOLS.discard(self)
+        if pool is not None:
+            _end_pool(pool, terminate=terminate)
 
     def __enter__(self) -> "BatchProducer":
         return self
