@@ -8,6 +8,7 @@ every CUDA test and nothing else.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,58 @@ def pytest_configure(config):
         signal.signal(signal.SIGTERM, _interrupt)
 
 
+#: seconds the interpreter may take to exit after the last test before the watchdog ends it
+EXIT_GRACE_SECONDS = float(os.environ.get("DEGRADE_TEST_EXIT_GRACE", "90"))
+_SESSION_STATUS: list[int] = [1]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _SESSION_STATUS[0] = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    """A process that cannot exit after the tests (a thread or worker process that outlived them: once in
+    CI, the interpreter waited in concurrent.futures' exit hook until the runner's time limit) is reported
+    and ended: the watchdog prints every thread's stack and the live child processes, ends the children and
+    exits with the tests' own status, so the log names the culprit and the run does not hang."""
+    import threading
+
+    threading.Thread(target=_exit_watchdog, args=(EXIT_GRACE_SECONDS,), name="exit-watchdog", daemon=True).start()
+
+
+def _exit_watchdog(grace: float) -> None:
+    import faulthandler
+    import signal
+    import sys
+    import threading
+    import time
+
+    time.sleep(grace)
+    err = sys.__stderr__
+    err.write(f"\n*** the tests ended {grace:.0f} s ago, but this process has not exited. Every thread's stack "
+              "follows, then the child processes still running; they are killed and the process exits with the "
+              f"tests' own status ({_SESSION_STATUS[0]}). ***\n")
+    for thread in threading.enumerate():  # faulthandler's stacks name threads by id only
+        err.write(f"*** thread 0x{thread.ident or 0:016x}: {thread.name}{' (daemon)' if thread.daemon else ''}\n")
+    err.flush()
+    faulthandler.dump_traceback(file=err, all_threads=True)
+    children = []
+    for task in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+        children += [int(pid) for pid in task.read_text().split()]
+    for pid in children:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            cmd = "?"
+        err.write(f"*** child {pid}: {cmd[:300]}\n")
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    err.flush()
+    os._exit(_SESSION_STATUS[0])
+
+
 def pytest_addoption(parser):
     parser.addoption("--device", action="store", default="cpu", help="torch device for device tests: cpu or cuda")
 
@@ -56,8 +109,6 @@ def pytest_collection_modifyitems(config, items):
 def _hash_cache(tmp_path_factory):
     """Dataset fingerprints cache their file hashes in a file of this session, not in ~/.cache
     (servers started as subprocesses inherit it)."""
-    import os
-
     os.environ.setdefault("DEGRADE_HASH_CACHE", str(tmp_path_factory.mktemp("hash-cache") / "file-hashes.json"))
 
 
@@ -189,7 +240,6 @@ def server_process(photo_dir, service_cfg_file):
     """Start ``python -m server serve`` processes on port 0 (``server_process(*flags)`` -> (Popen, address)),
     each in a session of its own; at teardown every one is killed with its whole group (worker processes
     too), and continued first in case a test stopped it."""
-    import os
     import signal
 
     procs = []
