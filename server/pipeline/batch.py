@@ -59,27 +59,35 @@ if hasattr(threading, "_register_atexit"):  # CPython >= 3.9: runs before the in
     threading._register_atexit(_terminate_open_pools)
 
 
-def _end_pool(pool: ProcessPoolExecutor, *, terminate: bool) -> None:
-    """Shut ``pool`` down without leaving a thread behind: with ``terminate`` its workers are ended at once
-    (SIGTERM, then SIGKILL after 5 s) and its manager thread is given 5 s to notice."""
-    if not terminate:
-        pool.shutdown(wait=True, cancel_futures=True)
-        return
+def _retire(pool: ProcessPoolExecutor) -> tuple[threading.Thread | None, dict]:
+    """Shut ``pool`` down without waiting (running batches still finish); returns its manager thread and
+    its live dict of worker processes, which the executor forgets at shutdown, for :func:`_end_workers`."""
     manager = getattr(pool, "_executor_manager_thread", None)
     procs = getattr(pool, "_processes", None) or {}  # the live dict: a worker started meanwhile is in it too
     pool.shutdown(wait=False, cancel_futures=True)
-    for proc in list(procs.values()):
-        proc.terminate()
-    for proc in list(procs.values()):
-        proc.join(5)
-        if proc.exitcode is None:
-            log.warning("worker process %d ignored SIGTERM for 5 s; killing it", proc.pid)
-            proc.kill()
+    return manager, procs
+
+
+def _end_workers(manager: threading.Thread | None, procs: dict, *, terminate: bool) -> None:
+    """Wait for a retired pool to finish its batches, or with ``terminate`` end its workers at once
+    (SIGTERM, then SIGKILL after 5 s) and give its manager thread 5 s to notice."""
+    if terminate:
+        for proc in list(procs.values()):
+            proc.terminate()
+        for proc in list(procs.values()):
             proc.join(5)
+            if proc.exitcode is None:
+                log.warning("worker process %d ignored SIGTERM for 5 s; killing it", proc.pid)
+                proc.kill()
+                proc.join(5)
     if manager is not None and manager is not threading.current_thread():
-        manager.join(5)
+        manager.join(5 if terminate else None)
         if manager.is_alive():
             log.warning("the worker pool's manager thread is still running 5 s after its workers ended")
+
+
+#: how often a worker may die on the same batch before the batch is reported as failed
+MAX_KILLS = 2
 
 
 # --- worker process state -------------------------------------------------
@@ -157,6 +165,8 @@ class BatchProducer:
         self._lock = threading.RLock()
         self._plans: OrderedDict[tuple[str | None, int, int], EpochPlan] = OrderedDict()
         self._pool: ProcessPoolExecutor | None = None
+        #: (manager thread, workers) of pools dropped by a restart, maybe still finishing a batch
+        self._retired: list[tuple[threading.Thread | None, dict]] = []
         self._generation = 0  # bumped at each pool restart, so one broken pool is restarted once
         self._closed = False
         self._engines: _EngineCache | None = None
@@ -255,7 +265,7 @@ class BatchProducer:
             return
         pending: deque[tuple[tuple[int, int], int, Future]] = deque()
         todo = iter(jobs)
-        restarted: set[tuple[int, int]] = set()
+        kills: dict[tuple[int, int], int] = {}
 
         def submit(job: tuple[int, int]) -> None:
             epoch, k = job
@@ -282,16 +292,21 @@ class BatchProducer:
                 except BrokenProcessPool:
                     if self._closed:  # close(terminate=True) ended the workers: nobody waits for this batch
                         return
-                    if job in restarted:
-                        raise RuntimeError(f"batch {job} killed its worker process twice; giving up") from None
-                    restarted.add(job)
-                    log.error("a worker process died while making batch %s; restarting the pool", job)
-                    retry = [job] + [other for other, _, _ in pending]
+                    kills[job] = kills.get(job, 0) + 1
+                    retry = [other for other, _, _ in pending]  # their futures broke with the pool
                     self._count(-len(pending))
                     pending.clear()
                     self._restart(generation)
+                    if kills[job] > MAX_KILLS:  # a batch that crashes any worker: reported, the run goes on
+                        self._failed(job, RuntimeError(f"batch {job} killed its worker process {kills[job]} times; "
+                                                       "giving up on it"))
+                    else:
+                        log.error("a worker process died while making batch %s; restarting the pool", job)
+                        retry.insert(0, job)
                     for r in retry:
                         submit(r)
+                    if len(pending) < window:
+                        submit_next()
                     continue
                 except (ValueError, OSError) as exc:  # e.g. an image changed on disk since the scan
                     self._failed(job, exc)
@@ -321,7 +336,9 @@ class BatchProducer:
         """Drop the pool (if it is still the one of ``generation``); the next submit starts a new one."""
         with self._lock:
             if self._pool is not None and (generation is None or generation == self._generation):
-                self._pool.shutdown(wait=False, cancel_futures=True)
+                # its running batches still finish (their callbacks may resubmit); close() ends it for good
+                self._retired = [r for r in self._retired if r[0] is not None and r[0].is_alive()]
+                self._retired.append(_retire(self._pool))
                 self._pool = None
                 self._generation += 1
 
@@ -334,11 +351,12 @@ class BatchProducer:
         """Stop the worker processes: after their current batch, or at once with ``terminate``
         (a server shutting down does not wait for batches nobody will receive)."""
         with self._lock:
-            pool, self._pool = self._pool, None
+            pools = self._retired + ([_retire(self._pool)] if self._pool is not None else [])
+            self._pool, self._retired = None, []
             self._closed = self._closed or terminate
             _OPEN_POOLS.discard(self)
-        if pool is not None:
-            _end_pool(pool, terminate=terminate)
+        for manager, procs in pools:
+            _end_workers(manager, procs, terminate=terminate)
 
     def __enter__(self) -> "BatchProducer":
         return self

@@ -47,14 +47,10 @@ from server.degradation.engine import NO_CODEC, BatchResult, DeviceOutput, Engin
 from server.degradation.epoch_plan import PatchRef
 from server.degradation.images import ImageFolder, ImageInfo
 
-from .batch import BatchProducer, _EngineCache, default_workers
+from .batch import MAX_KILLS, BatchProducer, _EngineCache, default_workers
 from .shared_slots import Slot, SlotPool, SlotSpec, attach, detach
 
 log = logging.getLogger(__name__)
-
-#: how often a worker may die on the same batch before the batch is reported as failed
-MAX_KILLS = 2
-
 
 # --- worker processes ------------------------------------------------------
 _WORKER: dict = {}
