@@ -6,6 +6,7 @@ the device stage runs on the CPU here and on CUDA with ``--device cuda``.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -86,27 +87,34 @@ def test_a_failing_codec_falls_back_the_same_way_in_both_paths(folder):
         assert all(r["backend"] == "software" and r["codec"] == "libx264" for r in b.records)
 
 
-def test_a_codec_worker_killed_mid_batch_loses_nothing(folder, tmp_path):
+@pytest.mark.parametrize("pipeline", ["split", "batch"])
+def test_a_codec_worker_killed_mid_batch_loses_nothing(folder, tmp_path, pipeline):
     cfg = DegradationConfig(video_batch_size=3, first_batch_range=(3, 3), v2_prob=1.0)
     jobs = [(0, 0), (0, 1)]
     want = whole_batch(folder, cfg, jobs)
     marker = tmp_path / "killed"
-    with SplitProducer(folder, cfg, workers=1, backend=KillOnceBackend(str(marker))) as split:
-        got = list(split.produce_jobs(0, jobs))
-        assert not split.failures
+    threads = set(threading.enumerate())
+    with make_producer(folder, cfg, pipeline=pipeline, workers=1, backend=KillOnceBackend(str(marker))) as producer:
+        got = list(producer.produce_jobs(0, jobs))
+        assert not producer.failures
     assert marker.exists(), "the codec worker was never killed: the test proves nothing"
     for a, b in zip(want, got, strict=True):
         same_batch(a, b)
+    # close() ended the broken pool and its replacement: no manager or device thread is left
+    left = [t.name for t in set(threading.enumerate()) - threads if t.is_alive()]
+    assert not left, f"threads left behind: {left}"
 
 
-def test_a_batch_that_keeps_killing_workers_is_reported_and_the_run_goes_on(folder, tmp_path):
+@pytest.mark.parametrize("pipeline", ["split", "batch"])
+def test_a_batch_that_keeps_killing_workers_is_reported_and_the_run_goes_on(folder, tmp_path, pipeline):
     cfg = DegradationConfig(video_batch_size=3, first_batch_range=(3, 3), v2_prob=1.0)
-    with SplitProducer(folder, cfg, workers=1, backend=KillOnceBackend(str(tmp_path / "k"), always=True)) as split:
-        got = list(split.produce_jobs(0, [(0, 0)]))
+    killer = KillOnceBackend(str(tmp_path / "k"), always=True)
+    with make_producer(folder, cfg, pipeline=pipeline, workers=1, backend=killer) as producer:
+        got = list(producer.produce_jobs(0, [(0, 0)]))
         assert got == []
-        (job, reason), = split.failures
+        (job, reason), = producer.failures
         assert job == (0, 0) and "killed its worker process 3 times" in reason
-        assert split.failure_reason(0, 0) == reason
+        assert producer.failure_reason(0, 0) == reason
 
 
 def test_oversize_batches_of_a_request_override_get_their_own_slot(folder):
