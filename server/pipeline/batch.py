@@ -20,7 +20,8 @@ import weakref
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -59,30 +60,53 @@ if hasattr(threading, "_register_atexit"):  # CPython >= 3.9: runs before the in
     threading._register_atexit(_terminate_open_pools)
 
 
-def _retire(pool: ProcessPoolExecutor) -> tuple[threading.Thread | None, dict]:
-    """Shut ``pool`` down without waiting (running batches still finish); returns its manager thread and
-    its live dict of worker processes, which the executor forgets at shutdown, for :func:`_end_workers`."""
-    manager = getattr(pool, "_executor_manager_thread", None)
-    procs = getattr(pool, "_processes", None) or {}  # the live dict: a worker started meanwhile is in it too
+@dataclass(frozen=True)
+class _Retired:
+    """What ends a pool after ``shutdown(wait=False)``, which makes the executor forget it: its manager
+    thread, its live dict of worker processes and the queue the workers send results on."""
+
+    manager: threading.Thread | None
+    procs: dict
+    results: Any
+
+    @property
+    def running(self) -> bool:
+        return self.manager is not None and self.manager.is_alive()
+
+
+def _retire(pool: ProcessPoolExecutor) -> _Retired:
+    """Shut ``pool`` down without waiting: its running batches still finish."""
+    retired = _Retired(getattr(pool, "_executor_manager_thread", None),
+                       getattr(pool, "_processes", None) or {},  # the live dict: a worker started meanwhile too
+                       getattr(pool, "_result_queue", None))
     pool.shutdown(wait=False, cancel_futures=True)
-    return manager, procs
+    return retired
 
 
-def _end_workers(manager: threading.Thread | None, procs: dict, *, terminate: bool) -> None:
+def _end_workers(pool: _Retired, *, terminate: bool) -> None:
     """Wait for a retired pool to finish its batches, or with ``terminate`` end its workers at once
-    (SIGTERM, then SIGKILL after 5 s) and give its manager thread 5 s to notice."""
+    (SIGTERM, then SIGKILL after 5 s) and its manager thread with them."""
     if terminate:
-        for proc in list(procs.values()):
+        for proc in list(pool.procs.values()):
             proc.terminate()
-        for proc in list(procs.values()):
+        for proc in list(pool.procs.values()):
             proc.join(5)
             if proc.exitcode is None:
                 log.warning("worker process %d ignored SIGTERM for 5 s; killing it", proc.pid)
                 proc.kill()
                 proc.join(5)
-    if manager is not None and manager is not threading.current_thread():
-        manager.join(5 if terminate else None)
-        if manager.is_alive():
+        if pool.running and all(proc.exitcode is not None for proc in pool.procs.values()):
+            # A worker ended while it was sending a batch leaves the manager thread reading the rest of that
+            # message for ever: this process holds the pipe's other write end, so no end-of-file comes (it
+            # then blocks interpreter exit; seen in CI).  Every worker is dead, so nothing writes there any
+            # more: closing our end gives the reader its end-of-file, the pool counts as broken and ends.
+            pool.manager.join(0.5)
+            writer = getattr(pool.results, "_writer", None)
+            if pool.running and writer is not None:
+                writer.close()
+    if pool.manager is not None and pool.manager is not threading.current_thread():
+        pool.manager.join(5 if terminate else None)
+        if pool.manager.is_alive():
             log.warning("the worker pool's manager thread is still running 5 s after its workers ended")
 
 
@@ -165,8 +189,8 @@ class BatchProducer:
         self._lock = threading.RLock()
         self._plans: OrderedDict[tuple[str | None, int, int], EpochPlan] = OrderedDict()
         self._pool: ProcessPoolExecutor | None = None
-        #: (manager thread, workers) of pools dropped by a restart, maybe still finishing a batch
-        self._retired: list[tuple[threading.Thread | None, dict]] = []
+        #: pools dropped by a restart, maybe still finishing a batch
+        self._retired: list[_Retired] = []
         self._generation = 0  # bumped at each pool restart, so one broken pool is restarted once
         self._closed = False
         self._engines: _EngineCache | None = None
@@ -337,7 +361,7 @@ class BatchProducer:
         with self._lock:
             if self._pool is not None and (generation is None or generation == self._generation):
                 # its running batches still finish (their callbacks may resubmit); close() ends it for good
-                self._retired = [r for r in self._retired if r[0] is not None and r[0].is_alive()]
+                self._retired = [r for r in self._retired if r.running]
                 self._retired.append(_retire(self._pool))
                 self._pool = None
                 self._generation += 1
@@ -355,8 +379,8 @@ class BatchProducer:
             self._pool, self._retired = None, []
             self._closed = self._closed or terminate
             _OPEN_POOLS.discard(self)
-        for manager, procs in pools:
-            _end_workers(manager, procs, terminate=terminate)
+        for pool in pools:
+            _end_workers(pool, terminate=terminate)
 
     def __enter__(self) -> "BatchProducer":
         return self
