@@ -49,3 +49,27 @@ class HangingBackend(SoftwareBackend):
         Path(self.marker).write_text(str(os.getpid()))
         while True:
             time.sleep(60)
+
+
+class DiesMidSendBackend(SoftwareBackend):
+    """A worker that starts sending its result and never finishes, as one killed halfway through sending
+    a large batch: the result pipe holds a message header and a few bytes, then nothing.  (The worker
+    writes them itself, into the pool's result pipe, and then waits to be terminated.)"""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.marker = marker
+
+    def roundtrip(self, frames, params):
+        import struct
+        import sys
+        import time
+
+        frame = sys._getframe()
+        while frame is not None and frame.f_code.co_name != "_process_worker":
+            frame = frame.f_back
+        results = frame.f_locals["result_queue"]  # concurrent.futures' worker loop: where results go
+        os.write(results._writer.fileno(), struct.pack("!i", 1 << 20) + b"\x80\x04partial")
+        Path(self.marker).write_text(str(os.getpid()))
+        while True:
+            time.sleep(60)

@@ -114,3 +114,31 @@ def test_a_test_session_that_cannot_exit_is_reported_and_ended(tmp_path):
     assert done.returncode == 0, "the exit status is the tests' own"
     assert "has not exited" in done.stderr and "never-ends" in done.stderr, done.stderr[-2000:]
     assert took < 100, f"the watchdog did not end the process ({took:.0f} s)"
+
+
+@pytest.mark.parametrize("pipeline", ["batch", "split"])
+def test_close_ends_a_pool_whose_worker_died_while_sending_a_batch(photo_dir, tmp_path, pipeline):
+    """Seen in CI: a worker ended mid-way through sending its result left the pool's manager thread
+    reading the rest for ever, and the interpreter waited for that thread at exit."""
+    from codec_fakes import DiesMidSendBackend
+
+    from server.pipeline.registry import make_producer
+
+    marker = tmp_path / "sending"
+    cfg = DegradationConfig(video_batch_size=2, first_batch_range=(2, 2), v2_prob=1.0)
+    before = set(threading.enumerate())
+    producer = make_producer(ImageFolder(photo_dir, 360), cfg, pipeline=pipeline, workers=1,
+                             backend=DiesMidSendBackend(str(marker)))
+    batches = producer.produce(0, 0, [0])
+    threading.Thread(target=lambda: next(batches, None), name="consumer", daemon=True).start()
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert time.monotonic() < deadline, "the batch never reached its codec"
+        time.sleep(0.1)
+    time.sleep(0.5)  # the manager thread is now waiting for the rest of the message
+    producer.close(terminate=True)
+    deadline = time.monotonic() + 15
+    while (left := [t for t in set(threading.enumerate()) - before
+                    if t.is_alive() and t.name != "consumer"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"threads left behind by close(): {[t.name for t in left]} (the process could not exit)"
