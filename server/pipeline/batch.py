@@ -16,6 +16,7 @@ import logging
 import multiprocessing as mp
 import os
 import threading
+import time
 import weakref
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -104,14 +105,30 @@ def _end_workers(pool: _Retired, *, terminate: bool) -> None:
             writer = getattr(pool.results, "_writer", None)
             if pool.running and writer is not None:
                 writer.close()
-    if pool.manager is not None and pool.manager is not threading.current_thread():
-        pool.manager.join(5 if terminate else None)
+    if pool.manager is None or pool.manager is threading.current_thread():
+        return
+    if terminate:
+        pool.manager.join(5)
         if pool.manager.is_alive():
             log.warning("the worker pool's manager thread is still running 5 s after its workers ended")
+        return
+    dead_since = None
+    while pool.manager.is_alive():  # the batches finish; unless a worker died mid-send and the pool is wedged
+        pool.manager.join(1.0)
+        if pool.running and any(proc.exitcode is not None for proc in list(pool.procs.values())):
+            dead_since = dead_since or time.monotonic()
+            if time.monotonic() - dead_since >= WEDGE_SECONDS:
+                log.error("a worker process died while sending a batch; ending its wedged pool")
+                _end_workers(pool, terminate=True)
+                return
 
 
 #: how often a worker may die on the same batch before the batch is reported as failed
 MAX_KILLS = 2
+
+#: seconds a worker may lie dead before a pool that has not noticed is taken for wedged (see
+#: :meth:`BatchProducer._check_wedged`); a pool notices an ordinary death within milliseconds
+WEDGE_SECONDS = 10.0
 
 
 # --- worker process state -------------------------------------------------
@@ -192,6 +209,7 @@ class BatchProducer:
         #: pools dropped by a restart, maybe still finishing a batch
         self._retired: list[_Retired] = []
         self._generation = 0  # bumped at each pool restart, so one broken pool is restarted once
+        self._dead_since: dict[int, float] = {}  # dead workers of the current pool, and since when
         self._closed = False
         self._engines: _EngineCache | None = None
         self._inline_lock = threading.Lock()  # one in-process engine: one batch at a time
@@ -312,7 +330,7 @@ class BatchProducer:
                 job, generation, fut = pending.popleft()
                 self._count(-1)
                 try:
-                    result = fut.result()
+                    result = self._result(fut)
                 except BrokenProcessPool:
                     if self._closed:  # close(terminate=True) ended the workers: nobody waits for this batch
                         return
@@ -342,6 +360,40 @@ class BatchProducer:
             for _, _, fut in pending:
                 fut.cancel()
             self._count(-len(pending))
+
+    def _result(self, fut: Future):
+        """``fut.result()``, checking every second that the pool is not wedged."""
+        while True:
+            try:
+                return fut.result(timeout=1.0)
+            except TimeoutError:
+                if fut.done():  # the batch itself raised TimeoutError
+                    raise
+                self._check_wedged()
+
+    def _check_wedged(self) -> None:
+        """End the pool if one of its workers has been dead for :data:`WEDGE_SECONDS` without the pool noticing.
+
+        That worker died while it was sending a batch (say, killed for memory while pickling one): the
+        pool's manager thread waits for the rest of that message for ever, and would never report the
+        death.  Ending the whole pool breaks it the ordinary way, so its batches are made again like
+        those of any worker that dies."""
+        now = time.monotonic()
+        with self._lock:
+            pool = self._pool
+            if pool is None or getattr(pool, "_broken", False):
+                return
+            procs = getattr(pool, "_processes", None) or {}
+            dead = [pid for pid, proc in list(procs.items()) if proc.exitcode is not None]
+            self._dead_since = {pid: self._dead_since.get(pid, now) for pid in dead}
+            if not any(now - since >= WEDGE_SECONDS for since in self._dead_since.values()):
+                return
+            log.error("worker process(es) %s died while sending a batch and the pool did not notice in %.0f s; "
+                      "ending the pool, its batches are made again", sorted(dead), WEDGE_SECONDS)
+            retired = _retire(pool)
+            self._pool, self._dead_since = None, {}
+            self._generation += 1
+        _end_workers(retired, terminate=True)
 
     def _failed(self, job: tuple[int, int], exc: BaseException) -> None:
         log.error("video batch %d of epoch %d could not be made and is skipped: %s", job[1], job[0], exc)

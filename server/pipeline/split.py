@@ -322,6 +322,7 @@ class SplitProducer(BatchProducer):
                 while not job.done.wait(0.5):
                     if self._closed:
                         return
+                    self._check_wedged()
                 pending.popleft()
                 self._count(-1)
                 try:
