@@ -54,22 +54,27 @@ class HangingBackend(SoftwareBackend):
 class DiesMidSendBackend(SoftwareBackend):
     """A worker that starts sending its result and never finishes, as one killed halfway through sending
     a large batch: the result pipe holds a message header and a few bytes, then nothing.  (The worker
-    writes them itself, into the pool's result pipe, and then waits to be terminated.)"""
+    writes them itself, into the pool's result pipe.)  Then it waits to be terminated, or with ``die``
+    it dies at once (an OOM kill) - the first time only: later round trips are the software codecs'."""
 
-    def __init__(self, marker: str):
+    def __init__(self, marker: str, die: bool = False):
         super().__init__()
-        self.marker = marker
+        self.marker, self.die = marker, die
 
     def roundtrip(self, frames, params):
         import struct
         import sys
         import time
 
+        if os.path.exists(self.marker):
+            return super().roundtrip(frames, params)
         frame = sys._getframe()
         while frame is not None and frame.f_code.co_name != "_process_worker":
             frame = frame.f_back
         results = frame.f_locals["result_queue"]  # concurrent.futures' worker loop: where results go
         os.write(results._writer.fileno(), struct.pack("!i", 1 << 20) + b"\x80\x04partial")
         Path(self.marker).write_text(str(os.getpid()))
+        if self.die:
+            os._exit(9)
         while True:
             time.sleep(60)

@@ -142,3 +142,35 @@ def test_close_ends_a_pool_whose_worker_died_while_sending_a_batch(photo_dir, tm
                     if t.is_alive() and t.name != "consumer"]) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left, f"threads left behind by close(): {[t.name for t in left]} (the process could not exit)"
+
+
+def test_a_graceful_close_does_not_wait_for_ever_on_a_pool_wedged_by_a_death_mid_send(photo_dir, tmp_path,
+                                                                                        monkeypatch):
+    """close() waits for running batches; a worker that died mid-send will never finish its batch, so after
+    WEDGE_SECONDS the pool is ended instead of waited for."""
+    from codec_fakes import DiesMidSendBackend
+
+    import server.pipeline.batch as batch_module
+
+    monkeypatch.setattr(batch_module, "WEDGE_SECONDS", 1.0)
+    marker = tmp_path / "sent-half"
+    cfg = DegradationConfig(video_batch_size=2, first_batch_range=(2, 2), v2_prob=1.0)
+    before = set(threading.enumerate())
+    producer = BatchProducer(ImageFolder(photo_dir, 360), cfg, workers=1, backend=DiesMidSendBackend(str(marker),
+                                                                                                      die=True))
+    producer._check_wedged = lambda: None  # only close() may notice the wedge here
+    batches = producer.produce(0, 0, [0])
+    threading.Thread(target=lambda: next(batches, None), name="consumer", daemon=True).start()
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert time.monotonic() < deadline, "the batch never reached its codec"
+        time.sleep(0.1)
+    done = threading.Event()
+    threading.Thread(target=lambda: (producer.close(), done.set()), name="closer", daemon=True).start()
+    assert done.wait(30), "close() waits for ever on the wedged pool"
+    producer.close(terminate=True)  # the consumer, told its batch broke, may have started a pool again
+    deadline = time.monotonic() + 15
+    while (left := [t for t in set(threading.enumerate()) - before
+                    if t.is_alive() and t.name not in ("consumer", "closer")]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"threads left behind by close(): {[t.name for t in left]}"

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from codec_fakes import BrokenBackend, KillOnceBackend
+from codec_fakes import BrokenBackend, DiesMidSendBackend, KillOnceBackend
 
 from server.degradation.config import DegradationConfig
 from server.degradation.images import ImageFolder
@@ -103,6 +103,26 @@ def test_a_codec_worker_killed_mid_batch_loses_nothing(folder, tmp_path, pipelin
     # close() ended the broken pool and its replacement: no manager or device thread is left
     left = [t.name for t in set(threading.enumerate()) - threads if t.is_alive()]
     assert not left, f"threads left behind: {left}"
+
+
+@pytest.mark.parametrize("pipeline", ["split", "batch"])
+def test_a_worker_killed_while_sending_its_batch_loses_nothing(folder, tmp_path, pipeline, monkeypatch):
+    """A worker killed half-way through sending its result leaves the pool's manager thread waiting for the
+    rest for ever, unaware of the death: the producer sees the dead worker, ends the pool and redoes."""
+    import server.pipeline.batch as batch_module
+
+    monkeypatch.setattr(batch_module, "WEDGE_SECONDS", 2.0, raising=False)
+    cfg = DegradationConfig(video_batch_size=3, first_batch_range=(3, 3), v2_prob=1.0)
+    jobs = [(0, 0), (0, 1)]
+    want = whole_batch(folder, cfg, jobs)
+    marker = tmp_path / "sent-half"
+    with make_producer(folder, cfg, pipeline=pipeline, workers=1,
+                       backend=DiesMidSendBackend(str(marker), die=True)) as producer:
+        got = list(producer.produce_jobs(0, jobs))
+        assert not producer.failures
+    assert marker.exists(), "no worker died mid-send: the test proves nothing"
+    for a, b in zip(want, got, strict=True):
+        same_batch(a, b)
 
 
 @pytest.mark.parametrize("pipeline", ["split", "batch"])
