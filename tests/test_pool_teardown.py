@@ -48,6 +48,24 @@ EXITS_WITHOUT_CLOSE = textwrap.dedent("""
 """)
 
 
+def _wait_for_codec(marker: Path) -> None:
+    """Until a worker is inside the misbehaving codec (it writes ``marker``)."""
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert time.monotonic() < deadline, "the batch never reached its codec"
+        time.sleep(0.1)
+
+
+def _threads_left(before: set, *ignore: str, wait: float = 15) -> list[str]:
+    """Names of the threads started since ``before`` that are still alive after up to ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        left = [t.name for t in set(threading.enumerate()) - before if t.is_alive() and t.name not in ignore]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -89,10 +107,8 @@ def test_close_leaves_no_thread_and_refuses_later_runs(photo_dir, producer_cls):
     producer.close(terminate=True)
     with pytest.raises(RuntimeError, match="shut down"):
         next(late)
-    deadline = time.monotonic() + 10
-    while (left := [t for t in set(threading.enumerate()) - before if t.is_alive()]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not left, f"threads left behind by close(): {[t.name for t in left]}"
+    left = _threads_left(before, wait=10)
+    assert not left, f"threads left behind by close(): {left}"
 
 
 def test_a_test_session_that_cannot_exit_is_reported_and_ended(tmp_path):
@@ -131,17 +147,11 @@ def test_close_ends_a_pool_whose_worker_died_while_sending_a_batch(photo_dir, tm
                              backend=DiesMidSendBackend(str(marker)))
     batches = producer.produce(0, 0, [0])
     threading.Thread(target=lambda: next(batches, None), name="consumer", daemon=True).start()
-    deadline = time.monotonic() + 120
-    while not marker.exists():
-        assert time.monotonic() < deadline, "the batch never reached its codec"
-        time.sleep(0.1)
+    _wait_for_codec(marker)
     time.sleep(0.5)  # the manager thread is now waiting for the rest of the message
     producer.close(terminate=True)
-    deadline = time.monotonic() + 15
-    while (left := [t for t in set(threading.enumerate()) - before
-                    if t.is_alive() and t.name != "consumer"]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not left, f"threads left behind by close(): {[t.name for t in left]} (the process could not exit)"
+    left = _threads_left(before, "consumer")
+    assert not left, f"threads left behind by close(): {left} (the process could not exit)"
 
 
 def test_a_graceful_close_does_not_wait_for_ever_on_a_pool_wedged_by_a_death_mid_send(photo_dir, tmp_path,
@@ -161,16 +171,10 @@ def test_a_graceful_close_does_not_wait_for_ever_on_a_pool_wedged_by_a_death_mid
     producer._check_wedged = lambda: None  # only close() may notice the wedge here
     batches = producer.produce(0, 0, [0])
     threading.Thread(target=lambda: next(batches, None), name="consumer", daemon=True).start()
-    deadline = time.monotonic() + 120
-    while not marker.exists():
-        assert time.monotonic() < deadline, "the batch never reached its codec"
-        time.sleep(0.1)
+    _wait_for_codec(marker)
     done = threading.Event()
     threading.Thread(target=lambda: (producer.close(), done.set()), name="closer", daemon=True).start()
     assert done.wait(30), "close() waits for ever on the wedged pool"
     producer.close(terminate=True)  # the consumer, told its batch broke, may have started a pool again
-    deadline = time.monotonic() + 15
-    while (left := [t for t in set(threading.enumerate()) - before
-                    if t.is_alive() and t.name not in ("consumer", "closer")]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not left, f"threads left behind by close(): {[t.name for t in left]}"
+    left = _threads_left(before, "consumer", "closer")
+    assert not left, f"threads left behind by close(): {left}"
