@@ -274,14 +274,15 @@ class SplitProducer(BatchProducer):
                 try:
                     self._hand_over(j, out)
                     j.timings.update(Engine.read_timings(popped))
-                    if out.needs_codec:
-                        self._submit(j, "codec")
-                    else:
-                        j.codec_info = dict(NO_CODEC)
-                        self._finish(j)
-                except Exception as exc:  # noqa: BLE001 - e.g. no worker process could be started
+                except Exception as exc:  # noqa: BLE001
                     log.exception("device stage failed on batch %s", j.key)
                     self._finish(j, exc)
+                    continue
+                if out.needs_codec:
+                    self._submit(j, "codec")  # never raises: a stage the pool cannot take fails its batch
+                else:
+                    j.codec_info = dict(NO_CODEC)
+                    self._finish(j)
             self._account("device", time.perf_counter() - t0)
 
     def _hand_over(self, job: _Job, out: DeviceOutput) -> None:
