@@ -111,7 +111,7 @@ def test_a_worker_killed_while_sending_its_batch_loses_nothing(folder, tmp_path,
     rest for ever, unaware of the death: the producer sees the dead worker, ends the pool and redoes."""
     import server.pipeline.batch as batch_module
 
-    monkeypatch.setattr(batch_module, "WEDGE_SECONDS", 2.0, raising=False)
+    monkeypatch.setattr(batch_module, "WEDGE_SECONDS", 2.0)
     cfg = DegradationConfig(video_batch_size=3, first_batch_range=(3, 3), v2_prob=1.0)
     jobs = [(0, 0), (0, 1)]
     want = whole_batch(folder, cfg, jobs)
