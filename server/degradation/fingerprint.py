@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .cpu_budget import budget_threads
+
 log = logging.getLogger(__name__)
 
 #: Files modified less than this long ago are hashed but not cached (see module doc).
@@ -133,7 +135,7 @@ def dataset_digests(root: str | Path, images: Iterable, *, cache_path: Path | No
         size, digest = hash_file(root / info.name, cache)
         return FileDigest(info.name, size, digest, int(info.width), int(info.height))
 
-    with ThreadPoolExecutor(max_workers=max(1, threads or min(8, os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, threads or budget_threads(8))) as pool:
         out = list(pool.map(one, infos))
     cache.save()
     return out
@@ -180,7 +182,7 @@ def verify_copy(root: str | Path, expected: Sequence[FileDigest], *, cache_path:
             return f"{f.name}: different content (blake2b {digest[:16]}... here, {f.blake2b[:16]}... on the server)"
         return None
 
-    with ThreadPoolExecutor(max_workers=max(1, threads or min(8, os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, threads or budget_threads(8))) as pool:
         problems = [p for p in pool.map(check, expected) if p is not None]
     cache.save()
     if problems:

@@ -12,7 +12,6 @@ that truncated or corrupt files are found before any work is planned:
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
+
+from .cpu_budget import budget_threads
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class ImageFolder:
             return
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist or is not a folder")
-        self.images = self._scan(scan_threads or min(8, os.cpu_count() or 1))
+        self.images = self._scan(scan_threads or budget_threads(8))
 
     # ------------------------------------------------------------------
     def _scan(self, threads: int) -> list[ImageInfo]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
-import os
 import threading
 import time
 import weakref
@@ -28,6 +27,7 @@ import torch
 
 from server.codecs import CodecBackend, VideoRoundTrip
 from server.degradation.config import DegradationConfig
+from server.degradation.cpu_budget import cpu_budget
 from server.degradation.engine import BatchResult, Engine
 from server.degradation.epoch_plan import EpochPlan, PatchRef, make_epoch_plan
 from server.degradation.images import ImageFolder, ImageInfo
@@ -36,10 +36,8 @@ log = logging.getLogger(__name__)
 
 
 def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
+    """One worker process per core of the CPU budget (affinity, cgroup quota, ``$DEGRADE_CPUS``)."""
+    return cpu_budget().cores
 
 
 #: producers whose worker pool is running.  A process that exits without closing one (an exception, a
@@ -135,9 +133,14 @@ WEDGE_SECONDS = 10.0
 _WORKER: dict = {}
 
 
-def _init_worker(root: str, images: list[ImageInfo], cfg_dict: dict, device: str, threads: int,
-                 keep_precodec: bool, backend: CodecBackend | None = None, time_stages: bool = False) -> None:
-    torch.set_num_threads(threads)
+def _init_worker(root: str, images: list[ImageInfo], cfg_dict: dict, device: str, keep_precodec: bool,
+                 backend: CodecBackend | None = None, time_stages: bool = False) -> None:
+    # One compute thread per worker process, whatever the budget: parallelism comes from the processes.
+    # Several OpenMP threads in one worker spin at every barrier while they wait for each other, and when
+    # the scheduler gives this process less CPU than it has threads (a busy neighbour in another session,
+    # a cgroup quota, --workers below the core count) the spinning thread burns the share the working one
+    # needed: a 1-worker server with 2 threads fell from ~30 to ~1 pair/s beside one busy process.
+    torch.set_num_threads(1)
     cfg = DegradationConfig.from_dict(cfg_dict)
     _WORKER["folder"] = ImageFolder(root, cfg.patch_size, images=images)
     _WORKER["engines"] = _EngineCache(cfg, device, keep_precodec, backend, time_stages)
@@ -191,17 +194,22 @@ class BatchProducer:
 
     def __init__(self, folder: ImageFolder, cfg: DegradationConfig, *, workers: int | None = None,
                  device: str = "cpu", prefetch: int | None = None, keep_precodec: bool = False,
-                 backend: CodecBackend | None = None, time_stages: bool = False):
+                 backend: CodecBackend | None = None, time_stages: bool = False, cpus: int | None = None):
         self.folder = folder
         self.time_stages = time_stages
         self.backend = backend  # None: the software codecs
         self.keep_precodec = keep_precodec
         self.cfg = cfg
         self.device = device
-        self.workers = default_workers() if workers is None else max(0, int(workers))
+        #: the CPU budget in cores (server.degradation.cpu_budget) this producer sizes itself to
+        self.cpus = default_workers() if cpus is None else max(1, int(cpus))
+        self.workers = self.default_pool_size(self.cpus) if workers is None else max(0, int(workers))
         if device != "cpu" and self.workers > 0 and not self.pool_with_gpu:
             log.info("device %s: running the engine in-process (one GPU feeder)", device)
             self.workers = 0
+        if self.workers > self.cpus:
+            log.warning("%d worker processes on a CPU budget of %d core(s): they share it (each single-threaded, "
+                        "so each is slower, none stalls)", self.workers, self.cpus)
         self.prefetch = self.workers if prefetch is None else max(0, prefetch)
         self._lock = threading.RLock()
         self._plans: OrderedDict[tuple[str | None, int, int], EpochPlan] = OrderedDict()
@@ -218,6 +226,11 @@ class BatchProducer:
         #: batches that could not be made, as ((epoch, index), reason); the run goes on without them
         #: (the latest 10,000, so that a long-running server's memory stays bounded)
         self.failures: deque[tuple[tuple[int, int], str]] = deque(maxlen=10_000)
+
+    @staticmethod
+    def default_pool_size(cpus: int) -> int:
+        """Worker processes when none are asked for: one per core of the budget."""
+        return max(1, cpus)
 
     # ------------------------------------------------------------------
     def _cfg_key(self, cfg: DegradationConfig | None) -> str | None:
@@ -250,8 +263,7 @@ class BatchProducer:
 
     def _pool_initializer(self) -> tuple:
         """``(initializer, initargs)`` of the worker processes."""
-        threads = max(1, default_workers() // max(1, self.workers))
-        return _init_worker, (str(self.folder.root), self.folder.images, self.cfg.to_dict(), self.device, threads,
+        return _init_worker, (str(self.folder.root), self.folder.images, self.cfg.to_dict(), self.device,
                               self.keep_precodec, self.backend, self.time_stages)
 
     def produce(self, seed: int, epoch: int, indices: Iterable[int], *, want_hr: bool = True,

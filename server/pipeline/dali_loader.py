@@ -48,7 +48,6 @@ Exactness
 
 from __future__ import annotations
 
-import os
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from server.degradation.cpu_budget import budget_threads
 from server.degradation.epoch_plan import PatchRef
 from server.degradation.images import ImageFolder
 
@@ -148,7 +148,7 @@ class DaliPatchLoader:
         self.patch_size = int(patch_size)
         self.device = device
         self.device_id = int(device_id)
-        self.threads = max(1, threads or min(4, os.cpu_count() or 1))
+        self.threads = max(1, threads or budget_threads(4))
         self.max_batch = int(max_batch)
         self._decodable: dict[str, bool] = {}
         self._torch_device = None

@@ -34,11 +34,13 @@ def resolve_pipeline(pipeline: str, device: str) -> str:
 
 def make_producer(folder: ImageFolder, cfg: DegradationConfig, *, pipeline: str = "auto", device: str = "cpu",
                   workers: int | None = None, backend: CodecBackend | None = None, keep_precodec: bool = False,
-                  time_stages: bool = False, prefetch: int | None = None) -> BatchProducer:
-    """The producer of ``pipeline`` (resolved for ``device``), with the same interface either way."""
+                  time_stages: bool = False, prefetch: int | None = None, cpus: int | None = None) -> BatchProducer:
+    """The producer of ``pipeline`` (resolved for ``device``), with the same interface either way.
+    ``cpus``: the CPU budget in cores it sizes its pool to (default: this process's, see
+    ``server.degradation.cpu_budget``)."""
     kind = resolve_pipeline(pipeline, str(device))
     kw = dict(workers=workers, device=str(device), backend=backend, keep_precodec=keep_precodec,
-              time_stages=time_stages, prefetch=prefetch)
+              time_stages=time_stages, prefetch=prefetch, cpus=cpus)
     if kind == "split":
         from .split import SplitProducer
 

@@ -47,7 +47,7 @@ from server.degradation.engine import NO_CODEC, BatchResult, DeviceOutput, Engin
 from server.degradation.epoch_plan import PatchRef
 from server.degradation.images import ImageFolder, ImageInfo
 
-from .batch import MAX_KILLS, BatchProducer, _EngineCache, default_workers
+from .batch import MAX_KILLS, BatchProducer, _EngineCache
 from .shared_slots import Slot, SlotPool, SlotSpec, attach, detach
 
 log = logging.getLogger(__name__)
@@ -127,11 +127,10 @@ class SplitProducer(BatchProducer):
     def __init__(self, folder: ImageFolder, cfg: DegradationConfig, *, workers: int | None = None,
                  device: str = "cpu", prefetch: int | None = None, keep_precodec: bool = False,
                  backend: CodecBackend | None = None, time_stages: bool = False, group: int = 2,
-                 slots: int | None = None):
-        if workers is None:
-            workers = max(1, default_workers() - 1)
-        super().__init__(folder, cfg, workers=max(1, int(workers)), device=device, prefetch=prefetch,
-                         keep_precodec=keep_precodec, backend=backend, time_stages=time_stages)
+                 slots: int | None = None, cpus: int | None = None):
+        super().__init__(folder, cfg, workers=None if workers is None else max(1, int(workers)), device=device,
+                         prefetch=prefetch, keep_precodec=keep_precodec, backend=backend, time_stages=time_stages,
+                         cpus=cpus)
         self.group = max(1, int(group))
         capacity = max(cfg.video_batch_size, cfg.first_batch_range[1])
         count = slots if slots is not None else self.workers + self.prefetch + self.group + 1
@@ -146,6 +145,11 @@ class SplitProducer(BatchProducer):
         self.busy = {"device": 0.0, "pool": 0.0}
         log.info("split pipeline: device stage on %s, %d pool worker(s), %d slot(s) of %d patches (%.0f MB shared)",
                  device, self.workers, count, capacity, self._slots.nbytes / 1e6)
+
+    @staticmethod
+    def default_pool_size(cpus: int) -> int:
+        """Pool processes when none are asked for: every core of the budget but the device stage's."""
+        return max(1, cpus - 1)
 
     # ------------------------------------------------------------------
     def _pool_initializer(self) -> tuple:
