@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Iterator
 
 from .degradation.config import PROFILES, ConfigError, DegradationConfig
+from .degradation.cpu_budget import ENV as CPUS_ENV
+from .degradation.cpu_budget import cpu_budget, parse_cpus
 from .pipeline.registry import add_pipeline_argument
 
 log = logging.getLogger("degrade")
@@ -42,6 +45,9 @@ def _common(p: argparse.ArgumentParser, *, out_required: bool = False) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: one per core, or every core but one for the split pipeline; "
                         "0 = in-process)")
+    p.add_argument("--cpus", default=None, metavar="N",
+                   help=f"CPU limit (e.g. 4 or 1.5; default ${CPUS_ENV}): workers and threads are sized to the "
+                        "smallest of this, the affinity set and the cgroup CPU quota")
     add_pipeline_argument(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -316,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
             files = write_sample_data(args.dir, progress=True)
             print(f"{len(files)} sample photographs in {args.dir}")
             return 0
+        if getattr(args, "cpus", None) is not None:
+            # exported, so every part of the command and every process it starts (bench's server) sizes to it
+            limit = parse_cpus(args.cpus)
+            os.environ[CPUS_ENV] = "0" if limit is None else f"{limit:g}"
+        log.info("%s", cpu_budget(getattr(args, "cpus", None)).describe())
         cfg = load_config(args)
         log.info("config: %s", cfg.to_json())
         return {"generate": cmd_generate, "preview": cmd_preview, "bench": cmd_bench, "demo": cmd_demo}[

@@ -19,7 +19,7 @@ class InfoRequest(_message.Message):
     def __init__(self, seed: _Optional[int] = ..., epoch: _Optional[int] = ..., config_overrides_json: _Optional[str] = ..., include_dataset_files: _Optional[bool] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "dataset_name", "num_images", "num_skipped_images", "patches_per_epoch", "batches_per_epoch", "scale", "hr_patch_size", "lr_patch_size", "video_batch_size", "codec_backends", "device", "profile", "default_config_json", "max_streams", "max_indices_per_request", "workers", "dataset_fingerprint", "dataset_files", "config_json")
+    __slots__ = ("version", "dataset_name", "num_images", "num_skipped_images", "patches_per_epoch", "batches_per_epoch", "scale", "hr_patch_size", "lr_patch_size", "video_batch_size", "codec_backends", "device", "profile", "default_config_json", "max_streams", "max_indices_per_request", "workers", "dataset_fingerprint", "dataset_files", "config_json", "cpu_budget_cores", "cpu_budget")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DATASET_NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,8 @@ class ServerInfo(_message.Message):
     DATASET_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DATASET_FILES_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    CPU_BUDGET_CORES_FIELD_NUMBER: _ClassVar[int]
+    CPU_BUDGET_FIELD_NUMBER: _ClassVar[int]
     version: str
     dataset_name: str
     num_images: int
@@ -60,7 +62,9 @@ class ServerInfo(_message.Message):
     dataset_fingerprint: str
     dataset_files: _containers.RepeatedCompositeFieldContainer[DatasetFile]
     config_json: str
-    def __init__(self, version: _Optional[str] = ..., dataset_name: _Optional[str] = ..., num_images: _Optional[int] = ..., num_skipped_images: _Optional[int] = ..., patches_per_epoch: _Optional[int] = ..., batches_per_epoch: _Optional[int] = ..., scale: _Optional[int] = ..., hr_patch_size: _Optional[int] = ..., lr_patch_size: _Optional[int] = ..., video_batch_size: _Optional[int] = ..., codec_backends: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., profile: _Optional[str] = ..., default_config_json: _Optional[str] = ..., max_streams: _Optional[int] = ..., max_indices_per_request: _Optional[int] = ..., workers: _Optional[int] = ..., dataset_fingerprint: _Optional[str] = ..., dataset_files: _Optional[_Iterable[_Union[DatasetFile, _Mapping]]] = ..., config_json: _Optional[str] = ...) -> None: ...
+    cpu_budget_cores: int
+    cpu_budget: str
+    def __init__(self, version: _Optional[str] = ..., dataset_name: _Optional[str] = ..., num_images: _Optional[int] = ..., num_skipped_images: _Optional[int] = ..., patches_per_epoch: _Optional[int] = ..., batches_per_epoch: _Optional[int] = ..., scale: _Optional[int] = ..., hr_patch_size: _Optional[int] = ..., lr_patch_size: _Optional[int] = ..., video_batch_size: _Optional[int] = ..., codec_backends: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., profile: _Optional[str] = ..., default_config_json: _Optional[str] = ..., max_streams: _Optional[int] = ..., max_indices_per_request: _Optional[int] = ..., workers: _Optional[int] = ..., dataset_fingerprint: _Optional[str] = ..., dataset_files: _Optional[_Iterable[_Union[DatasetFile, _Mapping]]] = ..., config_json: _Optional[str] = ..., cpu_budget_cores: _Optional[int] = ..., cpu_budget: _Optional[str] = ...) -> None: ...
 
 class DatasetFile(_message.Message):
     __slots__ = ("name", "size", "blake2b", "width", "height")

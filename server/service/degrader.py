@@ -46,6 +46,7 @@ from google.protobuf.message import DecodeError
 
 from client.protocol import degrade_pb2 as pb
 from server.degradation.config import DegradationConfig
+from server.degradation.cpu_budget import CpuBudget, cpu_budget as find_cpu_budget
 from server.degradation.engine import BatchResult
 from server.degradation.fingerprint import FileDigest, fingerprint
 from server.pipeline.batch import BatchProducer
@@ -137,12 +138,14 @@ class DegradeService:
     def __init__(self, producer: BatchProducer, *, dataset_name: str, max_streams: int, max_video_batch: int = 256,
                  metrics: ServiceMetrics | None = None, codec_backends: list[str] | None = None,
                  max_waiting_streams: int | None = None, idle_stream_seconds: float = 60.0,
-                 dataset_files: list[FileDigest] | None = None):
+                 dataset_files: list[FileDigest] | None = None, cpu_budget: CpuBudget | None = None):
         self._codec_backends = sorted(codec_backends or ["software"])
         #: the dataset fingerprint (server/degradation/fingerprint.py): per-file entries and the hash over them
         self.dataset_files = list(dataset_files or [])
         self.dataset_fingerprint = fingerprint(self.dataset_files) if dataset_files else ""
         self.producer = producer
+        #: the cores the server sized itself to (reported by GetInfo and as a metric)
+        self.cpu_budget = cpu_budget or find_cpu_budget(getattr(producer, "cpus", None))
         self.cfg: DegradationConfig = producer.cfg
         self.dataset_name = dataset_name
         self.max_streams = max_streams
@@ -151,6 +154,7 @@ class DegradeService:
         self.max_video_batch = max_video_batch
         self.metrics = metrics or ServiceMetrics(queue_depth=lambda: producer.in_flight,
                                                  skipped_images=len(producer.folder.skipped))
+        self.metrics.cpu_budget.set(self.cpu_budget.cores)
         #: stream slots: --max-streams of them, granted fairly; a bounded queue waits for them
         self._slots = FairShare(max_streams, max_waiting=self.max_waiting_streams)
         #: production tickets: one per batch a stream may have in the pool (workers + prefetch in all)
@@ -228,7 +232,8 @@ class DegradeService:
             workers=self.producer.workers, dataset_fingerprint=self.dataset_fingerprint,
             dataset_files=[pb.DatasetFile(name=f.name, size=f.size, blake2b=f.blake2b, width=f.width, height=f.height)
                            for f in self.dataset_files] if req.include_dataset_files else [],
-            config_json=cfg.to_json(),
+            config_json=cfg.to_json(), cpu_budget_cores=self.cpu_budget.cores,
+            cpu_budget=self.cpu_budget.describe(),
         )
 
     def codec_backends(self) -> list[str]:

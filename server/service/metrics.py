@@ -36,6 +36,9 @@ class ServiceMetrics:
         self.queue.set_function(queue_depth)
         self.skipped = Gauge("degrade_skipped_images", "images of the dataset rejected at scan", registry=r)
         self.skipped.set(skipped_images)
+        self.cpu_budget = Gauge("degrade_cpu_budget_cores",
+                                "cores the server sized its workers and threads to (affinity, cgroup quota, --cpus)",
+                                registry=r)
         self.rate = Gauge("degrade_pairs_per_second", "pairs sent per second over the last window", registry=r)
         self.rate.set_function(self._pairs_per_second)
         self._window_s = window_s

@@ -1,6 +1,6 @@
 """``degrade-server``: the gRPC degradation service (also ``python -m server serve``).
 
-    degrade-server [--images DIR] [--host H] [--port P] [--workers N]
+    degrade-server [--images DIR] [--host H] [--port P] [--workers N] [--cpus N]
                    [--device auto|cpu|cuda] [--pipeline auto|split|batch] [--token T | --token-file F]
                    [--tls-cert C --tls-key K] [--config FILE] [--metrics-port M]
                    [--max-streams S] [--max-waiting-streams W] [--idle-stream-seconds I]
@@ -34,9 +34,10 @@ from grpc_reflection.v1alpha import reflection
 
 from client.protocol import degrade_pb2 as pb
 from server.degradation.config import PROFILES, ConfigError, DegradationConfig
+from server.degradation.cpu_budget import ENV as CPUS_ENV
+from server.degradation.cpu_budget import CpuBudget, cpu_budget, parse_cpus
 from server.degradation.fingerprint import dataset_digests, fingerprint
 from server.degradation.images import ImageFolder
-from server.pipeline.batch import default_workers
 from server.pipeline.registry import add_pipeline_argument, make_producer
 
 from .degrader import SERVICE_NAME, DegradeService, package_version
@@ -54,7 +55,9 @@ class ServerConfig:
     images: Path | None = None          # None: the built-in sample photographs
     host: str = "[::]"
     port: int = DEFAULT_PORT            # 0: any free port (tests)
-    workers: int | None = None          # None: one per core
+    workers: int | None = None          # None: one per core of the CPU budget
+    cpus: float | None = None           # explicit CPU limit (--cpus / $DEGRADE_CPUS); the budget is the smallest
+                                        # of it, the affinity set and the cgroup quota
     device: str = "auto"                # auto: cuda when torch sees a GPU, else cpu
     token: str | None = None
     tls_cert: Path | None = None
@@ -82,6 +85,10 @@ class ServerConfig:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def cpu_budget(self) -> CpuBudget:
+        """The cores this server sizes itself to (server/degradation/cpu_budget.py)."""
+        return cpu_budget(self.cpus)
 
 
 # ---------------------------------------------------------------------------
@@ -168,16 +175,19 @@ class DegradeServer:
 def create_server(config: ServerConfig) -> tuple[DegradeServer, int]:
     """Build the server (not started): images scanned, pool ready, port bound. Returns (server, port)."""
     cfg = DegradationConfig.load(config.config_file, config.profile)
+    budget = config.cpu_budget()
+    log.info("%s", budget.describe())
+    helper_threads = min(8, budget.cores)  # scan and hashing threads
     if config.images is not None:
         root = config.images
     else:
         from server.degradation.sample_data import ensure_sample_data
 
         root = ensure_sample_data(progress=False)
-    folder = ImageFolder(root, cfg.patch_size)
+    folder = ImageFolder(root, cfg.patch_size, scan_threads=helper_threads)
     log.info("images: %s - %d usable, %d skipped", root, len(folder.images), len(folder.skipped))
     t0 = time.perf_counter()
-    dataset_files = dataset_digests(root, folder.images)
+    dataset_files = dataset_digests(root, folder.images, threads=helper_threads)
     log.info("dataset fingerprint %s (blake2b of %d files, %.1f s)", fingerprint(dataset_files)[:16],
              len(dataset_files), time.perf_counter() - t0)
     device = config.resolved_device()
@@ -190,11 +200,12 @@ def create_server(config: ServerConfig) -> tuple[DegradeServer, int]:
         # names, then what the probe warns about (e.g. "nvenc unavailable: ...; NVDEC via direct module load")
         backend_names = sorted(plan.backends_used) + list(plan.hardware_warnings)
     producer = make_producer(folder, cfg, pipeline=config.pipeline, workers=config.workers, device=device,
-                             backend=backend)
+                             backend=backend, cpus=budget.cores)
     service = DegradeService(producer, dataset_name=Path(root).name, max_streams=config.max_streams,
                              max_video_batch=config.max_video_batch, codec_backends=backend_names,
                              max_waiting_streams=config.max_waiting_streams,
-                             idle_stream_seconds=config.idle_stream_seconds, dataset_files=dataset_files)
+                             idle_stream_seconds=config.idle_stream_seconds, dataset_files=dataset_files,
+                             cpu_budget=budget)
 
     interceptors = []
     if config.token:
@@ -240,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Environment: DEGRADE_TOKEN or DEGRADE_TOKEN_FILE set the token when no flag does; "
                "DEGRADE_SAMPLE_DIR is where the built-in sample photographs live; DEGRADE_HASH_CACHE is the file "
                "caching the dataset fingerprint's per-image hashes (default ~/.cache/vcisr-degrade/"
-               "file-hashes.json; 'off' to disable).\n\n"
+               "file-hashes.json; 'off' to disable); DEGRADE_CPUS is the CPU limit when --cpus is not given.\n\n"
                "Examples:\n  degrade-server                         # sample data, port 50051, all cores\n"
                "  degrade-server --images /data --token-file /run/secrets/degrade_token --metrics-port 9100",
     )
@@ -248,7 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of HR images (short side >= the patch size); default: built-in sample photographs")
     p.add_argument("--host", default="[::]", help="address to listen on (default: all, IPv4 and IPv6)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (default %(default)s; 0 = any free)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: one per core of the CPU budget, see --cpus)")
+    p.add_argument("--cpus", default=None, metavar="N",
+                   help=f"CPU limit (fractions allowed, e.g. 4 or 1.5; default ${CPUS_ENV}, else none): the server "
+                        "sizes its workers and threads to the smallest of this, its affinity set and its cgroup "
+                        "CPU quota (a container's --cpus or a Kubernetes CPU limit), rounded up")
     p.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:1, ...")
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--token", default=None, help="require 'authorization: Bearer TOKEN' on every RPC but health")
@@ -305,7 +321,8 @@ def config_from_args(args: argparse.Namespace, environ: dict | None = None) -> S
         metrics_port=args.metrics_port, max_streams=args.max_streams,
         max_waiting_streams=args.max_waiting_streams, idle_stream_seconds=args.idle_stream_seconds,
         drain_seconds=args.drain_seconds, grace_seconds=args.grace_seconds, codec_backend=args.codec_backend,
-        pipeline=args.pipeline,
+        pipeline=args.pipeline, cpus=parse_cpus(args.cpus if args.cpus is not None else env.get(CPUS_ENV),
+                                                "--cpus" if args.cpus is not None else f"${CPUS_ENV}"),
     )
 
 
@@ -322,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("degradation config: %s", server.service.cfg.to_json())
     producer = server.service.producer
-    log.info("%s pipeline: %d worker process(es), engine on %s (%d cores)", producer.pipeline, producer.workers,
-             producer.device, default_workers())
+    log.info("%s pipeline: %d worker process(es), engine on %s (%s)", producer.pipeline, producer.workers,
+             producer.device, server.service.cpu_budget.describe())
 
     def on_signal(signum, _frame):
         log.info("received %s", signal.Signals(signum).name)
