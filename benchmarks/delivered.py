@@ -24,8 +24,9 @@ from server.degradation.config import DegradationConfig
 
 @contextmanager
 def server_process(images: Path, cfg: DegradationConfig, workers: int | None, device: str = "cpu",
-                   pipeline: str = "auto") -> Iterator[str]:
-    """A degrade-server subprocess on a free port; yields its address."""
+                   pipeline: str = "auto", *, extra: tuple[str, ...] = (), new_session: bool = False) -> Iterator[str]:
+    """A degrade-server subprocess on a free port (``extra``: more flags; ``new_session``: in a session of
+    its own, as a container or a systemd unit runs it); yields its address."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "bench.yaml"
         cfg_path.write_text(cfg.to_json())  # JSON is YAML
@@ -34,7 +35,8 @@ def server_process(images: Path, cfg: DegradationConfig, workers: int | None, de
                "--grace-seconds", "2"]
         if workers is not None:
             cmd += ["--workers", str(workers)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen([*cmd, *extra], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                start_new_session=new_session)
         try:
             address = None
             deadline = time.monotonic() + 300
