@@ -406,6 +406,15 @@ def test_compose_server_serves_the_sample_data_by_default_and_publishes_its_port
     assert {flag_value(argv, "--port"), flag_value(argv, "--metrics-port")} == {"50051", "9100"} == targets
 
 
+def test_compose_and_k8s_show_a_cpu_limit_the_server_sizes_itself_to():
+    """The quota is what the server's CPU budget reads (server/degradation/cpu_budget.py)."""
+    cpus = str(_interpolate(compose()["services"][SERVER]["cpus"]))
+    assert float(cpus) == 0  # the default: no limit; DEGRADE_SERVER_CPUS sets one
+    assert "DEGRADE_SERVER_CPUS" in compose()["services"][SERVER]["cpus"]
+    limits = k8s_server_container()["resources"]["limits"]
+    assert float(limits["cpu"]) >= float(k8s_server_container()["resources"]["requests"]["cpu"])
+
+
 def test_compose_dataset_override_mounts_the_images_read_only_and_serves_them():
     base, over = compose()["services"][SERVER], compose_dataset()["services"][SERVER]
     (vol,) = over["volumes"]
