@@ -250,7 +250,7 @@ import json, sys, threading, time
 from client import DegradeClient, DegradeError
 
 address, seed, go, stop, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
-state = {"pairs": 0, "pairs_total": 0, "batches": 0, "error": None}
+state = {"pairs": 0, "pairs_total": 0, "batches": 0, "error": None, "arrivals": []}
 client = DegradeClient(address)  # the defaults a trainer has: 2 streams, groups of 2
 
 
@@ -258,9 +258,11 @@ def pull():
     try:
         for vb in client.epochs(seed, 0):
             state["pairs_total"] += len(vb)
-            if go <= time.time() < stop:
+            now = time.time()
+            if go <= now < stop:
                 state["pairs"] += len(vb)
                 state["batches"] += 1
+                state["arrivals"].append(now)
     except BaseException as exc:
         state["error"] = f"{type(exc).__name__}: {exc}"
 
@@ -269,6 +271,8 @@ threading.Thread(target=pull, daemon=True).start()
 while time.time() < stop and state["error"] is None:
     time.sleep(0.2)
 state["retries"] = client.stats.retries
+times = [go] + state.pop("arrivals") + [stop]
+state["longest_gap"] = max(b - a for a, b in zip(times, times[1:]))
 with open(out, "w") as f:
     json.dump(state, f)
 """
@@ -277,7 +281,8 @@ with open(out, "w") as f:
 @pytest.mark.slow
 def test_six_clients_one_worker_and_a_busy_core_for_4_minutes(server_process, tmp_path):
     """The issue's harder case: 6 client processes (12 streams, --max-streams 8) against a 1-worker server
-    while a busy loop takes a core. No client raises; the least-served gets >= 0.4x the most-served."""
+    (in a session of its own) while a busy loop in another session takes a core. No client raises, none goes
+    60 s without a pair, and the least-served gets >= 0.5x the most-served."""
     clients_n, seconds, warmup = 6, 240.0, 20.0
     proc, address = server_process("--max-streams", "8")
     spawned: list[subprocess.Popen] = []
@@ -306,11 +311,13 @@ def test_six_clients_one_worker_and_a_busy_core_for_4_minutes(server_process, tm
                 pass
             p.wait(10)
     pairs = [r["pairs"] for r in results]
+    gaps = [r.get("longest_gap", seconds) for r in results]
     print(f"pairs per client in {seconds:.0f} s: {pairs}, retries {[r['retries'] for r in results]}, "
-          f"min/max {min(pairs) / max(max(pairs), 1):.2f}")
+          f"min/max {min(pairs) / max(max(pairs), 1):.2f}, longest gaps {[round(g) for g in gaps]} s")
     logs = [(tmp_path / f"client{i}.log").read_text()[-1500:] for i in range(clients_n)]
     assert all(r["error"] is None for r in results), ([r["error"] for r in results], logs)
-    assert min(pairs) > 0 and min(pairs) >= 0.4 * max(pairs), pairs
+    assert min(pairs) > 0 and min(pairs) >= 0.5 * max(pairs), pairs
+    assert max(gaps) < 60, gaps
     assert proc.poll() is None  # the server is still up
 
 
