@@ -1,5 +1,5 @@
-"""The layout of ``server/``: four parts whose dependencies point downward only
-(service -> pipeline -> degradation and codecs; codecs -> degradation's codec
+"""The layout of ``server/``: five parts whose dependencies point downward only
+(service and bench -> pipeline -> degradation and codecs; codecs -> degradation's codec
 vocabulary), each subpackage's exports resolve, and light entry points stay light."""
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("degradation", "codecs", "pipeline", "service")
+PARTS = ("degradation", "codecs", "pipeline", "service", "bench")
 #: What each part may import from the others (anything else is a dependency pointing the wrong way).
 ALLOWED = {
     "degradation": set(),
     "codecs": {"degradation"},
     "pipeline": {"degradation", "codecs"},
     "service": {"degradation", "codecs", "pipeline"},
+    "bench": {"degradation", "codecs", "pipeline"},  # runs the service as a subprocess, never imports it
 }
 
 
