@@ -22,8 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from .client import DEFAULT_UNREACHABLE_TIMEOUT, DegradeClient, DegradeError
+from .client import DEFAULT_UNREACHABLE_TIMEOUT, DegradeClient
 from .connection import resolve_token
+from .errors import DegradeError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,6 +48,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .connection import TLS, auth_metadata, make_channel
+from .errors import DatasetMismatchError, DegradeError, LocalError
 from .protocol import degrade_pb2 as pb
 from .protocol import degrade_pb2_grpc as pbg
 
@@ -64,26 +65,6 @@ RETRYABLE = frozenset({
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED,
 })
-
-
-class DegradeError(RuntimeError):
-    """A request no server can serve (bad request, wrong token) or no server reachable."""
-
-    def __init__(self, message: str, code: grpc.StatusCode | None = None):
-        super().__init__(message)
-        self.code = code
-
-
-class LocalError(DegradeError):
-    """A failure on the client's side (its dataset copy, local sharpening): no other server can help."""
-
-
-class DatasetMismatchError(LocalError):
-    """The local copy of the dataset differs from the server's (``files`` names the files that differ)."""
-
-    def __init__(self, message: str, files: Sequence[str] = ()):
-        super().__init__(message)
-        self.files = list(files)
 
 
 @dataclass
@@ -198,7 +179,7 @@ class DegradeClient:
                  health_interval: float = 5.0, queue_batches: int | None = None,
                  give_up_after: float | None = None, wire: str = "full",
                  hr_root: str | Path | None = None, sharpen_device: str | None = "cpu"):
-        from .wire import check_wire, wire_flags
+        from .wire import check_wire, wire_flags  # here, not above: client.wire imports torch, `import client` does not
 
         if isinstance(addresses, str):
             addresses = [a for a in addresses.split(",") if a.strip()]

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from .client import DatasetMismatchError, DegradeError, LocalError
+from .errors import DatasetMismatchError, DegradeError, LocalError
 
 if TYPE_CHECKING:  # pragma: no cover
     from server.degradation.config import DegradationConfig

@@ -1,6 +1,8 @@
-"""The degradation server, in four parts (dependencies point downward only):
+"""The degradation server, in five parts (dependencies point downward only):
 
 * ``server.service``     - the gRPC service: requests, auth, fairness, metrics, health;
+* ``server.bench``       - the ``degrade bench`` harness: the standard workload of BENCH.md
+  (beside the service: it runs a server as a subprocess, never imports it);
 * ``server.pipeline``    - how batches are produced: the worker pool, the split
   (device stage + codec pool) pipeline, shared-memory slots, files on disk;
 * ``server.degradation`` - the VCISR degradation model as a library: config,

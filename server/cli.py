@@ -294,7 +294,7 @@ def demo_service(args: argparse.Namespace, cfg: DegradationConfig, sheet: Path, 
 
 
 def cmd_bench(args: argparse.Namespace, cfg: DegradationConfig) -> int:
-    from benchmarks.bench import run_bench
+    from .bench.workload import run_bench
 
     folder = open_images(args, cfg)
     return run_bench(folder, cfg, device=args.device, workers=args.workers, pipeline=args.pipeline, runs=args.runs,

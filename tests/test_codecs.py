@@ -14,7 +14,7 @@ import torch
 from conftest import MID
 from skimage import data
 
-from benchmarks.naive_ffmpeg import ffmpeg_available, naive_roundtrip
+from server.bench.naive_ffmpeg import ffmpeg_available, naive_roundtrip
 from server.codecs import (
     CodecBackend,
     CodecError,
@@ -318,7 +318,7 @@ def test_naive_baseline_matches_in_memory(clip: np.ndarray, tmp_path) -> None:
 
 
 def test_codec_limit_smoke(clip: np.ndarray) -> None:
-    from benchmarks.codec_limit import codec_limit
+    from server.bench.codec_limit import codec_limit
 
     res = codec_limit([(clip[:4], MID["mpeg4"]), (clip[4:7], MID["libx264"])], workers=1)
     assert res["pairs"] == 7 and res["seconds"] > 0 and res["pairs_per_s"] > 0

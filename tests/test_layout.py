@@ -1,6 +1,8 @@
-"""The layout of ``server/``: four parts whose dependencies point downward only
-(service -> pipeline -> degradation and codecs; codecs -> degradation's codec
-vocabulary), each subpackage's exports resolve, and light entry points stay light."""
+"""The layout of ``server/``: five parts whose dependencies point downward only
+(service and bench -> pipeline -> degradation and codecs; codecs -> degradation's codec
+vocabulary), each subpackage's exports resolve, and light entry points stay light.
+Across the library (``server``, ``client``, ``model``): no import cycles between the modules
+of one package, and nothing imports ``benchmarks/`` or ``tests/``."""
 
 from __future__ import annotations
 
@@ -14,14 +16,17 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("degradation", "codecs", "pipeline", "service")
+PARTS = ("degradation", "codecs", "pipeline", "service", "bench")
 #: What each part may import from the others (anything else is a dependency pointing the wrong way).
 ALLOWED = {
     "degradation": set(),
     "codecs": {"degradation"},
     "pipeline": {"degradation", "codecs"},
     "service": {"degradation", "codecs", "pipeline"},
+    "bench": {"degradation", "codecs", "pipeline"},  # runs the service as a subprocess, never imports it
 }
+#: The installed packages; ``benchmarks/`` and ``tests/`` sit above them.
+LIBRARY = ("server", "client", "model")
 
 
 def _module_name(path: Path) -> str:
@@ -30,14 +35,24 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _imports(path: Path) -> set[str]:
-    """Every module ``path`` imports, at any depth of the file (function-level imports too), absolute."""
+def _is_type_checking(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
+
+def _import_statements(path: Path, *, type_checking: bool = True) -> list[tuple[str, list[str]]]:
+    """(absolute module, names taken from it) of every import in ``path``, at any depth of the file
+    (function-level imports too); ``type_checking=False`` leaves out ``if TYPE_CHECKING:`` blocks."""
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    found: list[tuple[str, list[str]]] = []
+    todo: list[ast.AST] = [ast.parse(path.read_text(), str(path))]
+    while todo:
+        node = todo.pop()
         if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
+            found.extend((alias.name, []) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
@@ -45,8 +60,20 @@ def _imports(path: Path) -> set[str]:
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            found.add(mod)
-            found.update(f"{mod}.{alias.name}" for alias in node.names)  # `from . import x` names modules
+            found.append((mod, [alias.name for alias in node.names]))
+        if type_checking or not _is_type_checking(node):
+            todo.extend(ast.iter_child_nodes(node))
+        else:
+            todo.extend(node.orelse)
+    return found
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at any depth of the file (function-level imports too), absolute."""
+    found: set[str] = set()
+    for mod, names in _import_statements(path):
+        found.add(mod)
+        found.update(f"{mod}.{n}" for n in names)  # `from . import x` names modules
     return found
 
 
@@ -108,6 +135,18 @@ def test_light_entry_points_do_not_import_torch_or_the_pipeline():
     assert not [m for m in loaded if m.startswith(("server.pipeline", "server.degradation.engine"))]
 
 
+def test_importing_the_client_library_does_not_import_torch():
+    """``client.wire`` (torch) sits below ``client.client``, imported where a client first needs it."""
+    code = (
+        "import json, sys\n"
+        "import client, client.errors\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'client'))))\n"
+    )
+    loaded = _fresh_modules(code)
+    assert "client.client" in loaded and "client.errors" in loaded
+    assert not [m for m in loaded if m == "torch" or m.startswith("torch.") or m == "client.wire"]
+
+
 @pytest.mark.parametrize("part", PARTS)
 def test_each_part_says_what_it_holds_and_its_exports_resolve(part):
     import importlib
@@ -153,3 +192,86 @@ def test_lazy_exports_are_the_defining_modules_objects():
     import server.degradation
 
     assert "Engine" in dir(server.degradation) and server.degradation.__all__ == sorted(server.degradation.__all__)
+
+
+def _module_graph(package: str) -> tuple[dict[str, set[str]], dict[str, Path]]:
+    """Which modules of ``package`` each of its modules imports (at run time: function-level imports
+    count, ``if TYPE_CHECKING:`` blocks never run and do not); ``from p import m`` points at module
+    ``p.m`` when there is one, else at ``p``."""
+    paths = {_module_name(p): p for p in sorted((ROOT / package).rglob("*.py"))}
+
+    def resolve(name: str) -> str | None:
+        while name and name not in paths:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for module, path in paths.items():
+        targets = set()
+        for mod, names in _import_statements(path, type_checking=False):
+            for target in [f"{mod}.{n}" if f"{mod}.{n}" in paths else mod for n in names] or [mod]:
+                if (found := resolve(target)) and found != module:
+                    targets.add(found)
+        graph[module] = targets
+    return graph, paths
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+@pytest.mark.parametrize("package", LIBRARY)
+def test_no_import_cycles_between_the_modules_of_a_package(package):
+    graph, paths = _module_graph(package)
+    assert len(graph) > 3 and any(graph.values())  # the graph was read at all
+    wrong = []
+    for component in _cycles(graph):
+        edges = [f"  {paths[a].relative_to(ROOT)} imports {b}" for a in component for b in sorted(graph[a])
+                 if b in component]
+        wrong.append("cycle between " + ", ".join(component) + ":\n" + "\n".join(edges))
+    assert not wrong, "\n".join(wrong)
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_library_imports_neither_benchmarks_nor_tests():
+    test_modules = {p.stem for p in (ROOT / "tests").glob("*.py")}  # tests import their helpers by bare name
+    wrong = []
+    for package in LIBRARY:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for mod in _imports(path):
+                top = mod.split(".")[0]
+                if top in ("benchmarks", "tests") or top in test_modules:
+                    wrong.append(f"{path.relative_to(ROOT)} imports {mod}")
+    assert not wrong, "\n".join(wrong)

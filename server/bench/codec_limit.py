@@ -3,7 +3,7 @@
 ``codec_limit`` runs only the in-memory software round trips of the given
 video batches on ``workers`` processes; it is the ceiling the full engine can
 approach on a CPU machine.  ``naive_limit`` runs the reference-style
-PNG + ``ffmpeg`` CLI round trip (``benchmarks.naive_ffmpeg``) on the same
+PNG + ``ffmpeg`` CLI round trip (``server.bench.naive_ffmpeg``) on the same
 batches with the same parallelism.
 
 Why processes, not threads (measured on 2 cores, 128 frames of 90x90 per
@@ -49,7 +49,7 @@ def _software_task(i: int) -> int:
 
 
 def _naive_task(i: int) -> int:
-    from benchmarks.naive_ffmpeg import naive_roundtrip
+    from .naive_ffmpeg import naive_roundtrip
 
     frames, params = _BATCHES[i]
     out = naive_roundtrip(frames, params)
@@ -109,6 +109,6 @@ def codec_limit(video_batches: list[Batch], workers: int) -> dict[str, Any]:
 def naive_limit(video_batches: list[Batch], workers: int) -> dict[str, Any]:
     """Pairs/s of the PNG + ffmpeg CLI round trips, same batches and parallelism.
 
-    Needs the ``ffmpeg`` tool (``benchmarks.naive_ffmpeg.ffmpeg_available``).
+    Needs the ``ffmpeg`` tool (``server.bench.naive_ffmpeg.ffmpeg_available``).
     """
     return _run(_naive_task, video_batches, workers)

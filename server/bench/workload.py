@@ -4,7 +4,7 @@
    ``--device cuda``); with the split pipeline also the device stage's and the pool's busy
    fractions (which side is the bottleneck);
 2. delivered - pairs/s received over gRPC on loopback by 1 and by N client processes
-   from a degrade-server subprocess (benchmarks/delivered.py);
+   from a degrade-server subprocess (``server.bench.delivered``);
 3. codec     - the codec round trips alone, same frames and codec parameters, all cores;
 4. naive     - the reference way: PNG files + the ffmpeg CLI twice, same frames and parameters.
 
@@ -85,8 +85,8 @@ def _summary(values: list[float]) -> dict[str, float]:
 def run_bench(folder: ImageFolder, cfg: DegradationConfig, *, device: str = "cpu", workers: int | None = None,
               pipeline: str = "auto", runs: int = 3, batches: int = 2, seed: int = 0, json_path: Path | None = None,
               skip_naive: bool = False, skip_delivered: bool = False, clients: int = 4) -> int:
-    from benchmarks.codec_limit import codec_limit, naive_limit
-    from benchmarks.naive_ffmpeg import ffmpeg_available
+    from .codec_limit import codec_limit, naive_limit
+    from .naive_ffmpeg import ffmpeg_available
 
     runs = max(1, runs)
     producer = make_producer(folder, cfg, pipeline=pipeline, workers=workers, device=device, keep_precodec=True,
@@ -148,7 +148,7 @@ def run_bench(folder: ImageFolder, cfg: DegradationConfig, *, device: str = "cpu
 
     # delivered over gRPC: the same jobs, from a real server process (the in-process pool is closed by now)
     if not skip_delivered:
-        from benchmarks.delivered import deliver, server_process
+        from .delivered import deliver, server_process
 
         with server_process(folder.root, cfg, workers, device, pipeline=producer.pipeline) as address:
             deliver(address, seed, groups[0], 1)  # warm-up: the server's worker pool starts
