@@ -1,10 +1,12 @@
 """The bytes of a few batches, as hashes: proof that a refactor changed no output.
 
-    python -m benchmarks.batch_hashes [--seed 7] [--epoch 2] [--batches 4] [--json FILE]
+    python -m benchmarks.batch_hashes [--seed 7] [--epoch 2] [--batches 4] [--workers N] [--json FILE]
 
 Makes ``--batches`` short video batches (8 patches, first one 4-8) of the
-built-in sample photographs with both pipelines (batch and split, one worker)
-and two configs: the spec's (``vcisr``: mostly V2 endings through the video
+built-in sample photographs with both pipelines (batch and split; one worker,
+or ``--workers auto`` for as many as the CPU budget gives: run it with
+``DEGRADE_CPUS=1``, ``2`` or ``1.5`` to check that the bytes do not depend on
+the budget) and two configs: the spec's (``vcisr``: mostly V2 endings through the video
 codecs) and a V1-only one (JPEG endings).  For each of the four it prints one
 sha256 over every batch's LR, HR and sharpened-HR bytes and its records
 (sorted JSON).  Run it before and after a change and compare the lines; within
@@ -21,6 +23,7 @@ import sys
 from pathlib import Path
 
 from server.degradation import DegradationConfig, ImageFolder, ensure_sample_data
+from server.degradation.cpu_budget import cpu_budget
 from server.pipeline import make_producer
 
 CONFIGS = {
@@ -29,7 +32,7 @@ CONFIGS = {
 }
 
 
-def batch_hashes(images: Path, seed: int, epoch: int, batches: int) -> dict[str, str]:
+def batch_hashes(images: Path, seed: int, epoch: int, batches: int, workers: int | None = 1) -> dict[str, str]:
     """``{"<config>/<pipeline>": sha256 hex}`` for the first ``batches`` batches of ``epoch``."""
     out = {}
     for name, overrides in CONFIGS.items():
@@ -37,7 +40,7 @@ def batch_hashes(images: Path, seed: int, epoch: int, batches: int) -> dict[str,
         folder = ImageFolder(images, cfg.patch_size)
         for pipeline in ("batch", "split"):
             h = hashlib.sha256()
-            with make_producer(folder, cfg, pipeline=pipeline, workers=1) as producer:
+            with make_producer(folder, cfg, pipeline=pipeline, workers=workers) as producer:
                 for r in producer.produce(seed, epoch, range(batches)):
                     for arr in (r.lr, r.hr, r.hr_usm):
                         h.update(arr.tobytes())
@@ -52,12 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--epoch", type=int, default=2)
     ap.add_argument("--batches", type=int, default=4, help="video batches per config and pipeline (default 4)")
+    ap.add_argument("--workers", default="1",
+                    help="worker processes (default 1; auto: sized by the CPU budget, see $DEGRADE_CPUS)")
     ap.add_argument("--json", type=Path, default=None, help="also write the hashes here")
     args = ap.parse_args(argv)
+    workers = None if args.workers == "auto" else int(args.workers)
     if args.batches < 1:
         ap.error("--batches must be >= 1")
     images = args.images if args.images is not None else ensure_sample_data(progress=True)
-    hashes = batch_hashes(images, args.seed, args.epoch, args.batches)
+    print(cpu_budget().describe(), f"- workers: {args.workers}")
+    hashes = batch_hashes(images, args.seed, args.epoch, args.batches, workers)
     for key, value in hashes.items():
         print(f"{key:14s} {value}")
     if args.json:

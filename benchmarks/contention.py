@@ -38,7 +38,7 @@ from typing import Any
 
 from server.degradation.config import DegradationConfig
 
-from .delivered import server_process
+from server.bench.delivered import server_process
 
 #: a busy loop that ends by itself when its parent (this benchmark) dies, even by SIGKILL
 BUSY = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass\n"
