@@ -136,10 +136,11 @@ _WORKER: dict = {}
 
 
 def _init_worker(root: str, images: list[ImageInfo], cfg_dict: dict, device: str, threads: int,
-                 keep_precodec: bool, backend: CodecBackend | None = None, time_stages: bool = False) -> None:
+                 keep_precodec: bool, backend: CodecBackend | None = None, time_stages: bool = False,
+                 store: str | None = None) -> None:
     torch.set_num_threads(threads)
     cfg = DegradationConfig.from_dict(cfg_dict)
-    _WORKER["folder"] = ImageFolder(root, cfg.patch_size, images=images)
+    _WORKER["folder"] = ImageFolder(root, cfg.patch_size, images=images, store=store)  # the store: mapped by path
     _WORKER["engines"] = _EngineCache(cfg, device, keep_precodec, backend, time_stages)
 
 
@@ -252,7 +253,7 @@ class BatchProducer:
         """``(initializer, initargs)`` of the worker processes."""
         threads = max(1, default_workers() // max(1, self.workers))
         return _init_worker, (str(self.folder.root), self.folder.images, self.cfg.to_dict(), self.device, threads,
-                              self.keep_precodec, self.backend, self.time_stages)
+                              self.keep_precodec, self.backend, self.time_stages, self.folder.store_path)
 
     def produce(self, seed: int, epoch: int, indices: Iterable[int], *, want_hr: bool = True,
                 want_usm: bool = True, cfg: DegradationConfig | None = None,
