@@ -288,3 +288,14 @@ def test_store_flags_of_the_command_lines(tmp_path, monkeypatch):
     assert store_options(build_parser().parse_args(["generate", "--out", "x"]))["store_dir"] is None
     cfg = config_from_args(server_parser().parse_args(["--no-store", "--store-max-gb", "3"]), environ={})
     assert cfg.no_store and cfg.store_max_gb == 3.0
+
+
+def test_released_pages_read_back_the_same_pixels(photo_dir, tmp_path, monkeypatch):
+    """A reader unmaps its pages every RELEASE_BYTES (its PSS stays flat): views taken before still read
+    the store's bytes, never zeros."""
+    monkeypatch.setattr(pixel_store, "RELEASE_BYTES", 1)  # release at every image
+    plain = ImageFolder(photo_dir, 360)
+    folder = ImageFolder(photo_dir, 360, store_dir=tmp_path / "stores")
+    views = [(info.name, folder.load(info.name)) for info in folder.images for _ in range(2)]
+    for name, view in views:
+        assert np.array_equal(view, plain.load(name)), name
