@@ -4,6 +4,7 @@
                    [--device auto|cpu|cuda] [--pipeline auto|split|batch] [--token T | --token-file F]
                    [--tls-cert C --tls-key K] [--config FILE] [--metrics-port M]
                    [--max-streams S] [--max-waiting-streams W] [--idle-stream-seconds I]
+                   [--store-dir DIR | --no-store] [--store-max-gb G]
 
 :func:`create_server` builds a started-or-not server from a frozen
 :class:`ServerConfig` and returns it with its bound port (tests bind port 0);
