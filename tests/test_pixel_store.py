@@ -299,3 +299,30 @@ def test_released_pages_read_back_the_same_pixels(photo_dir, tmp_path, monkeypat
     views = [(info.name, folder.load(info.name)) for info in folder.images for _ in range(2)]
     for name, view in views:
         assert np.array_equal(view, plain.load(name)), name
+
+
+def test_a_server_on_a_store_file_and_a_trainer_cutting_hr_from_one(make_server, photo_dir, tmp_path):
+    """degrade-server --images data.vcstore publishes the folder's fingerprint and serves the folder's
+    batches; a trainer's hr_root may be a store file too (wire 'lr': HR cut from its map)."""
+    import grpc
+
+    from client import DegradeClient
+    from client.protocol import degrade_pb2 as pb
+    from client.protocol import degrade_pb2_grpc as pbg
+
+    packed = tmp_path / "data.vcstore"
+    pack_folder(photo_dir, packed)
+    _, folder_address = make_server(no_store=True)
+    _, store_address = make_server(images=packed)
+    infos = [pbg.DegraderStub(grpc.insecure_channel(a)).GetInfo(pb.InfoRequest(include_dataset_files=True))
+             for a in (folder_address, store_address)]
+    assert infos[0].dataset_fingerprint == infos[1].dataset_fingerprint != ""
+    assert list(infos[0].dataset_files) == list(infos[1].dataset_files)
+    assert infos[1].dataset_name == photo_dir.name
+    with DegradeClient(folder_address) as client:
+        want = list(client.epoch(5, 0, ordered=True))
+    with DegradeClient(store_address, wire="lr", hr_root=packed) as client:
+        got = list(client.epoch(5, 0, ordered=True))
+    assert [b.patch_ids for b in got] == [b.patch_ids for b in want]
+    for a, b in zip(want, got):
+        assert np.array_equal(a.lr, b.lr) and np.array_equal(a.hr, b.hr) and np.array_equal(a.hr_usm, b.hr_usm)
