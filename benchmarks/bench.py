@@ -17,6 +17,7 @@ Per-stage times come from the engine's own stage timers (core-seconds per batch)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -122,60 +123,90 @@ class _PssPeak:
         self.sample()
 
 
-def _engine_figures(folder: ImageFolder, cfg: DegradationConfig, *, device: str, workers: int | None,
-                    pipeline: str, runs: int, batches: int, seed: int, label: str) -> dict[str, Any]:
-    """The engine's figures fed from ``folder`` (decoded images, or a pixel store): pairs/s with and
-    without the USM target, the stage table, peak memory, the split pipeline's busy fractions and pool
-    core-ms per pair, and the codec inputs of the timed batches."""
-    producer = make_producer(folder, cfg, pipeline=pipeline, workers=workers, device=device, keep_precodec=True,
-                             time_stages=True)
-    nworkers = producer.workers
-    per_run = max(batches, max(1, nworkers))  # every worker gets work in each run
-    busy: dict[str, list[float]] = {"device": [], "pool": []}
-    pool_ms: list[float] = []
-    with producer, _PssPeak(producer) as pss:
-        chosen = full_batches(producer, seed, per_run * (runs + 1), cfg.video_batch_size)
-        groups = [chosen[i * per_run:(i + 1) * per_run] for i in range(runs + 1)]
-        engine_rates: dict[bool, list[float]] = {True: [], False: []}
-        stage_sum = {s: 0.0 for s in STAGES}
-        stage_batches = 0
-        codec_inputs = []
-        for with_usm in (True, False):
-            for r, group in enumerate(groups):  # group 0 = warm-up
-                before = _busy(producer)
-                t0 = time.perf_counter()
-                n = 0
-                for res in producer.produce_jobs(seed, group, want_usm=with_usm):
-                    n += len(res)
-                    if r > 0 and with_usm:
-                        for s, v in res.timings.items():
-                            stage_sum[s] = stage_sum.get(s, 0.0) + v
-                        stage_batches += 1
-                        if res.precodec is not None:
-                            codec_inputs.append((res.precodec, res.video))
-                dt = time.perf_counter() - t0
-                if r > 0:
-                    engine_rates[with_usm].append(n / dt)
-                    after = _busy(producer)
-                    if with_usm and before and after:
-                        wall = after["wall"] - before["wall"]
-                        busy["device"].append((after["device"] - before["device"]) / wall)
-                        busy["pool"].append((after["pool"] - before["pool"]) / (wall * max(1, nworkers)))
-                        pool_ms.append(1000 * (after["pool"] - before["pool"]) / max(1, n))
-                    print(f"  engine from {label}, run {r} ({'with' if with_usm else 'without'} USM target): {n} "
-                          f"pairs in {dt:.2f} s = {n / dt:.1f} pairs/s", flush=True)
+class _Feed:
+    """One engine under test: a producer fed from one image source, and what its runs measured."""
+
+    def __init__(self, label: str, folder: ImageFolder, cfg: DegradationConfig, *, device: str,
+                 workers: int | None, pipeline: str):
+        self.label = label
+        self.producer = make_producer(folder, cfg, pipeline=pipeline, workers=workers, device=device,
+                                      keep_precodec=True, time_stages=True)
+        self.pss = _PssPeak(self.producer)
+        self.rates: dict[bool, list[float]] = {True: [], False: []}
+        self.stage_sum = {s: 0.0 for s in STAGES}
+        self.stage_batches = 0
+        self.codec_inputs: list = []
+        self.busy: dict[str, list[float]] = {"device": [], "pool": []}
+        self.pool_ms: list[float] = []
+
+    def run(self, seed: int, group: list[tuple[int, int]], with_usm: bool, timed: bool, r: int) -> None:
+        producer, nworkers = self.producer, self.producer.workers
+        before = _busy(producer)
+        t0 = time.perf_counter()
+        n = 0
+        for res in producer.produce_jobs(seed, group, want_usm=with_usm):
+            n += len(res)
+            if timed and with_usm:
+                for s, v in res.timings.items():
+                    self.stage_sum[s] = self.stage_sum.get(s, 0.0) + v
+                self.stage_batches += 1
+                if res.precodec is not None:
+                    self.codec_inputs.append((res.precodec, res.video))
+        dt = time.perf_counter() - t0
+        if not timed:
+            return
+        self.rates[with_usm].append(n / dt)
+        after = _busy(producer)
+        if with_usm and before and after:
+            wall = after["wall"] - before["wall"]
+            self.busy["device"].append((after["device"] - before["device"]) / wall)
+            self.busy["pool"].append((after["pool"] - before["pool"]) / (wall * max(1, nworkers)))
+            self.pool_ms.append(1000 * (after["pool"] - before["pool"]) / max(1, n))
+        print(f"  engine from the {self.label}, run {r} ({'with' if with_usm else 'without'} USM target): {n} "
+              f"pairs in {dt:.2f} s = {n / dt:.1f} pairs/s", flush=True)
+
+    def figures(self) -> dict[str, Any]:
+        producer = self.producer
         per_process = [_vm_hwm_kib(os.getpid())] + [_vm_hwm_kib(p) for p in producer.worker_pids()]
-    out: dict[str, Any] = {"engine": _summary(engine_rates[True]), "engine_no_usm": _summary(engine_rates[False]),
-                           "stages_s_per_batch": {s: v / max(1, stage_batches) for s, v in stage_sum.items()},
-                           "codec_inputs": codec_inputs, "groups": groups, "workers": nworkers,
-                           "pipeline": producer.pipeline}
-    out["engine"]["peak_memory_gib"] = sum(per_process) / 2**20
-    out["engine"]["peak_memory_gib_per_process"] = [k / 2**20 for k in per_process]
-    out["engine"]["peak_pss_gib"] = pss.peak_kib / 2**20
-    if busy["device"]:
-        out["busy_fraction"] = {k: statistics.median(v) for k, v in busy.items()}
-        out["pool_core_ms_per_pair"] = statistics.median(pool_ms)
-    return out
+        out: dict[str, Any] = {"engine": _summary(self.rates[True]), "engine_no_usm": _summary(self.rates[False]),
+                               "stages_s_per_batch": {s: v / max(1, self.stage_batches)
+                                                      for s, v in self.stage_sum.items()}}
+        out["engine"]["peak_memory_gib"] = sum(per_process) / 2**20
+        out["engine"]["peak_memory_gib_per_process"] = [k / 2**20 for k in per_process]
+        out["engine"]["peak_pss_gib"] = self.pss.peak_kib / 2**20
+        if self.busy["device"]:
+            out["busy_fraction"] = {k: statistics.median(v) for k, v in self.busy.items()}
+            out["pool_core_ms_per_pair"] = statistics.median(self.pool_ms)
+        return out
+
+
+def _engine_figures(sources: list[tuple[str, ImageFolder]], cfg: DegradationConfig, *, device: str,
+                    workers: int | None, pipeline: str, runs: int, batches: int,
+                    seed: int) -> tuple[dict[str, dict[str, Any]], list, list]:
+    """The engine's figures fed from each source (decoded images, a pixel store): pairs/s with and without
+    the USM target, the stage table, peak memory, the split pipeline's busy fractions and pool core-ms per
+    pair.  The sources take turns run by run (same batches), so a noisy machine slows them alike.
+    Returns ``({label: figures}, the run groups, the last source's codec inputs)``."""
+    feeds = [_Feed(label, folder, cfg, device=device, workers=workers, pipeline=pipeline)
+             for label, folder in sources]
+    try:
+        first = feeds[0].producer
+        per_run = max(batches, max(1, first.workers))  # every worker gets work in each run
+        chosen = full_batches(first, seed, per_run * (runs + 1), cfg.video_batch_size)
+        groups = [chosen[i * per_run:(i + 1) * per_run] for i in range(runs + 1)]
+        with contextlib.ExitStack() as samplers:
+            for feed in feeds:
+                samplers.enter_context(feed.pss)
+            for with_usm in (True, False):
+                for r, group in enumerate(groups):  # group 0 = warm-up
+                    for feed in feeds:
+                        feed.run(seed, group, with_usm, r > 0, r)
+        out = {feed.label: {**feed.figures(), "workers": feed.producer.workers, "pipeline": feed.producer.pipeline}
+               for feed in feeds}
+    finally:
+        for feed in feeds:
+            feed.producer.close()
+    return out, groups, feeds[-1].codec_inputs
 
 
 def run_bench(folder: ImageFolder, cfg: DegradationConfig, *, device: str = "cpu", workers: int | None = None,
@@ -195,13 +226,11 @@ def run_bench(folder: ImageFolder, cfg: DegradationConfig, *, device: str = "cpu
         sources.insert(0, ("folder", ImageFolder(folder.root, cfg.patch_size)))
     print(f"bench: {runs} runs x video batches of {cfg.video_batch_size} patches ({cfg.patch_size}->{cfg.lr_size}), "
           f"{pipeline} pipeline, device {device}, engine fed from: {' and '.join(k for k, _ in sources)}", flush=True)
-    figures = {}
-    for label, source in sources:
-        figures[label] = _engine_figures(source, cfg, device=device, workers=workers, pipeline=pipeline, runs=runs,
-                                         batches=batches, seed=seed, label=label)
+    figures, groups, codec_inputs = _engine_figures(sources, cfg, device=device, workers=workers,
+                                                    pipeline=pipeline, runs=runs, batches=batches, seed=seed)
     main_label = sources[-1][0]
     main = figures[main_label]
-    nworkers, groups, codec_inputs = main["workers"], main["groups"], main["codec_inputs"]
+    nworkers = main["workers"]
     results: dict[str, Any] = {
         "machine": {"cores": os.cpu_count(), "gpu": _gpu_name(), "platform": platform.platform(),
                     "python": platform.python_version()},
@@ -214,8 +243,7 @@ def run_bench(folder: ImageFolder, cfg: DegradationConfig, *, device: str = "cpu
         if key in main:
             results[key] = main[key]
     if len(figures) > 1:
-        results["from_folder"] = {k: v for k, v in figures["folder"].items()
-                                  if k not in ("codec_inputs", "groups")}
+        results["from_folder"] = figures["folder"]
     # delivered over gRPC: the same jobs, from a real server process (the in-process pool is closed by now)
     if not skip_delivered:
         from benchmarks.delivered import deliver, server_process
