@@ -11,7 +11,8 @@ With ``--pipeline split`` on a GPU host the image stages run on the device; the 
 * send  - the service cutting a batch into ``PairChunk`` messages and serializing them, per wire mode
   (``full``: LR + HR + sharpened HR; ``lr-hr``; ``lr``: LR + records).
 
-Each cost is one core's time (single-threaded, best of ``--repeats``) divided by the pairs.  The
+Each cost is one core's time (single-threaded, this process's CPU time, best of ``--repeats``) divided by
+the pairs.  The
 table adds them per wire mode and divides a host's cores (``--cores``, one kept for the device
 stage's feeder) by the sum: the pairs/s those cores could sustain if the GPU kept up.  Transport
 (gRPC's own threads, the kernel) is not included.
@@ -26,12 +27,14 @@ from pathlib import Path
 
 
 def _best(fn, repeats: int) -> float:
+    """The least CPU time of ``repeats`` calls of ``fn`` after one warm-up call (this process's CPU time:
+    single-threaded work, so core time, whatever else the machine runs)."""
     fn()
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, time.process_time() - t0)
     return best
 
 
