@@ -114,9 +114,8 @@ def load_config(args: argparse.Namespace) -> DegradationConfig:
 
 def open_images(args: argparse.Namespace, cfg: DegradationConfig):
     from .degradation.images import ImageFolder
-    from .degradation.sample_data import ensure_sample_data
-
     from .degradation.pixel_store import store_options
+    from .degradation.sample_data import ensure_sample_data
 
     root = args.images if args.images is not None else ensure_sample_data(progress=True)
     folder = ImageFolder(root, cfg.patch_size, progress=sys.stderr.isatty(), **store_options(args))
