@@ -5,6 +5,7 @@
     degrade preview --out sheet.png  a contact sheet of HR/LR pairs with their codecs
     degrade bench                    the standard workload of BENCH.md (engine, delivered, codec limit, naive)
     degrade demo --out OUT           sample data -> a few hundred pairs -> preview sheet
+    degrade pack --images DIR --out FILE   the decoded images of DIR in one pixel store file
     degrade serve ...                the gRPC server (same as ``degrade-server``)
     degrade health ...               probe a server's health (same as ``degrade-health``)
 
@@ -27,6 +28,7 @@ from typing import Iterator
 from .degradation.config import PROFILES, ConfigError, DegradationConfig
 from .degradation.cpu_budget import ENV as CPUS_ENV
 from .degradation.cpu_budget import cpu_budget, parse_cpus
+from .degradation.pixel_store import add_store_arguments
 from .pipeline.registry import add_pipeline_argument
 
 log = logging.getLogger("degrade")
@@ -35,7 +37,9 @@ log = logging.getLogger("degrade")
 # ---------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser, *, out_required: bool = False) -> None:
     p.add_argument("--images", type=Path, default=None,
-                   help="folder of HR images (>= 360 px on the short side); default: built-in sample photographs")
+                   help="folder of HR images (>= 360 px on the short side), or a pixel store file written by "
+                        "`degrade pack`; default: built-in sample photographs")
+    add_store_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="run seed (default 0); with epoch and batch it fixes every draw")
     p.add_argument("--epoch", type=int, default=0, help="first epoch to produce (default 0)")
     p.add_argument("--profile", choices=PROFILES, default="vcisr",
@@ -68,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample-data", help="write the built-in sample photographs (from scikit-image) to DIR")
     p.add_argument("dir", type=Path, help="output folder")
+
+    p = sub.add_parser("pack", help="write the decoded images of a folder to one pixel store file, usable as "
+                                    "--images (and a client's --hr-root) wherever the folder is")
+    p.add_argument("--images", type=Path, required=True, help="folder of HR images")
+    p.add_argument("--out", type=Path, required=True, help="the store file to write (3 bytes per pixel)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     p = sub.add_parser("generate", help="degrade images into OUT/lr, OUT/hr, OUT/hr_usm PNGs and OUT/records.jsonl")
     _common(p)
@@ -110,12 +120,26 @@ def load_config(args: argparse.Namespace) -> DegradationConfig:
 
 def open_images(args: argparse.Namespace, cfg: DegradationConfig):
     from .degradation.images import ImageFolder
+    from .degradation.pixel_store import store_options
     from .degradation.sample_data import ensure_sample_data
 
     root = args.images if args.images is not None else ensure_sample_data(progress=True)
-    folder = ImageFolder(root, cfg.patch_size)
-    log.info("images: %s - %d usable, %d skipped", root, len(folder.images), len(folder.skipped))
+    folder = ImageFolder(root, cfg.patch_size, progress=sys.stderr.isatty(), **store_options(args))
+    log.info("images: %s - %d usable, %d skipped (%s)", root, len(folder.images), len(folder.skipped),
+             f"pixel store {folder.store_path}" if folder.store_path else "no pixel store")
     return folder
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from .degradation.images import pack_folder
+
+    t0 = time.perf_counter()
+    store, skipped = pack_folder(args.images, args.out, progress=sys.stderr.isatty())
+    for s in skipped:
+        print(f"degrade: skipped {s.name}: {s.reason}", file=sys.stderr)
+    print(f"{len(store.images)} images -> {store.path} ({store.nbytes / 1e9:.2f} GB, {time.perf_counter() - t0:.1f} s"
+          f"{f', {len(skipped)} skipped' if skipped else ''}); use it as --images {store.path}")
+    return 0
 
 
 def iter_batches(producer, seed: int, first_epoch: int, limit: int | None, want_usm: bool) -> Iterator:
@@ -271,7 +295,8 @@ def demo_service(args: argparse.Namespace, cfg: DegradationConfig, sheet: Path, 
 
     server, port = create_server(ServerConfig(images=args.images, host="127.0.0.1", port=0, workers=args.workers,
                                               device=args.device, profile=cfg.profile, config_file=args.config,
-                                              pipeline=args.pipeline))
+                                              pipeline=args.pipeline, store_dir=args.store_dir,
+                                              no_store=args.no_store, store_max_gb=args.store_max_gb))
     server.start()
     try:
         with DegradeClient(f"127.0.0.1:{port}") as client:
@@ -322,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             files = write_sample_data(args.dir, progress=True)
             print(f"{len(files)} sample photographs in {args.dir}")
             return 0
+        if args.command == "pack":
+            return cmd_pack(args)
         if getattr(args, "cpus", None) is not None:
             # exported, so every part of the command and every process it starts (bench's server) sizes to it
             limit = parse_cpus(args.cpus)
@@ -331,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("config: %s", cfg.to_json())
         return {"generate": cmd_generate, "preview": cmd_preview, "bench": cmd_bench, "demo": cmd_demo}[
             args.command](args, cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError) as exc:  # a bad pixel store is a ValueError too
         print(f"degrade: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

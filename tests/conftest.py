@@ -110,6 +110,8 @@ def _hash_cache(tmp_path_factory):
     """Dataset fingerprints cache their file hashes in a file of this session, not in ~/.cache
     (servers started as subprocesses inherit it)."""
     os.environ.setdefault("DEGRADE_HASH_CACHE", str(tmp_path_factory.mktemp("hash-cache") / "file-hashes.json"))
+    # pixel stores (built by default by degrade-server and the degrade commands) too
+    os.environ.setdefault("DEGRADE_STORE_DIR", str(tmp_path_factory.mktemp("pixel-stores")))
 
 
 @pytest.fixture(scope="session")

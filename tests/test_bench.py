@@ -18,6 +18,10 @@ def test_bench_smoke_writes_all_figures(photo_dir, tmp_path):
     assert res["naive"] is None
     assert res["delivered_n"]["clients"] == 2 and res["delivered_1"]["bytes_per_s"] > 0
     assert set(res["stages_s_per_batch"]) >= {"load", "blur1", "jpeg1", "codec"}
+    # fed from the folder's pixel store (the default), and from the folder itself in the same run
+    assert res["workload"]["fed_from"] == "store" and res["from_folder"]["engine"]["median"] > 0
+    assert set(res["from_folder"]["stages_s_per_batch"]) == set(res["stages_s_per_batch"])
+    assert res["engine"]["peak_pss_gib"] > 0 and res["from_folder"]["engine"]["peak_pss_gib"] > 0
     assert res["machine"]["cores"] >= 1 and res["workload"]["video_batch"] == 3
     assert all(c in ("mpeg2video", "mpeg4", "libx264", "libx265") for c in res["codec_mix"])
 

@@ -123,7 +123,7 @@ def test_image_broken_after_scan_skips_its_batch_and_says_so(photo_dir, tmp_path
     cfg = tmp_path / "c.toml"
     cfg.write_text("video_batch_size = 2\nfirst_batch_range = [2, 2]\n")
     rc = main(["generate", "--images", str(src), "--out", str(out), "--workers", "0", "--config", str(cfg),
-               "--no-usm"])
+               "--no-usm", "--no-store"])  # a pixel store would serve the pixels the scan saw (tests/test_pixel_store.py)
     err = capsys.readouterr().err
     assert rc == 1 and "coffee.png" in err and "skipped" in err
     recs = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]

@@ -399,8 +399,11 @@ def test_compose_reserves_a_gpu(service):
 def test_compose_server_serves_the_sample_data_by_default_and_publishes_its_ports():
     svc = compose()["services"][SERVER]
     argv = service_argv(svc)
-    # out of the box: no dataset mount, no --images, so DEGRADE_SAMPLE_DIR (baked in) is served
-    assert "--images" not in argv and not svc.get("volumes")
+    # out of the box: no dataset mount, no --images, so DEGRADE_SAMPLE_DIR (baked in) is served; the one
+    # volume is the pixel store's (a named volume, created by Compose)
+    assert "--images" not in argv
+    assert [str(v).split(":", 1) for v in svc.get("volumes", [])] == [["degrade-cache", "/var/cache/vcisr-degrade"]]
+    assert "degrade-cache" in compose()["volumes"]
     assert flag_value(argv, "--host") == "0.0.0.0"
     targets = {str(_interpolate(p)).rsplit(":", 1)[-1].split("/")[0] for p in svc["ports"]}
     assert {flag_value(argv, "--port"), flag_value(argv, "--metrics-port")} == {"50051", "9100"} == targets
@@ -526,6 +529,12 @@ def test_k8s_token_and_dataset_volumes():
     assert m["readOnly"] is True
     claim = volumes[m["name"]]["persistentVolumeClaim"]
     assert claim["claimName"] and claim["readOnly"] is True
+
+    # the pixel store's volume, at the image's DEGRADE_STORE_DIR, larger than --store-max-gb
+    m = mounts["/var/cache/vcisr-degrade"]
+    assert not m.get("readOnly")
+    limit = volumes[m["name"]]["emptyDir"]["sizeLimit"]
+    assert limit.endswith("Gi") and float(limit[:-2]) * 2**30 > float(flag_value(argv, "--store-max-gb")) * 1e9
 
 
 # --- real tools, where installed -------------------------------------------------------------

@@ -24,7 +24,8 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "Engine": ".engine", "BatchResult": ".engine", "crop_patches": ".engine", "video_block": ".engine",
     "STAGES": ".engine",
     "EpochPlan": ".epoch_plan", "PatchRef": ".epoch_plan", "make_epoch_plan": ".epoch_plan",
-    "ImageFolder": ".images", "ImageInfo": ".images", "decode_rgb8": ".images",
+    "ImageFolder": ".images", "ImageInfo": ".images", "decode_rgb8": ".images", "pack_folder": ".images",
+    "PixelStore": ".pixel_store", "StoreError": ".pixel_store",
     "ensure_sample_data": ".sample_data",
     "VideoParams": ".video", "VideoCodec": ".video", "CodecError": ".video",
 })

@@ -157,27 +157,54 @@ class DatasetMismatch(ValueError):
         self.files = files
 
 
+def store_digests(store) -> list[FileDigest]:
+    """The fingerprint entries of every image in a pixel store (:class:`~.pixel_store.PixelStore`): its index
+    keeps each source file's name, size and blake2b, so a store's fingerprint equals its folder's."""
+    return [FileDigest(i.name, i.size, i.blake2b, i.width, i.height) for i in store.images.values()]
+
+
 def verify_copy(root: str | Path, expected: Sequence[FileDigest], *, cache_path: Path | None | str = "default",
                 threads: int | None = None, what: str = "the server's dataset") -> None:
     """Check that ``root`` holds every file of ``expected`` with the same size and content.
 
-    Raises :class:`DatasetMismatch` naming each missing or different file (extra local files are fine)."""
+    Raises :class:`DatasetMismatch` naming each missing or different file (extra local files are fine).
+    ``root`` may be a pixel store file (``degrade pack``): its index holds each source file's size and hash."""
     root = Path(root)
-    if not root.is_dir():
-        raise DatasetMismatch(f"the local dataset copy {root} does not exist or is not a folder", [])
+    stored: dict[str, FileDigest] | None = None
+    if root.is_file():
+        from .pixel_store import PixelStore, StoreError
+
+        try:
+            store = PixelStore(root)
+        except StoreError as exc:
+            raise DatasetMismatch(str(exc), []) from None
+        stored = {d.name: d for d in store_digests(store)}
+        store.close()
+    elif not root.is_dir():
+        raise DatasetMismatch(f"the local dataset copy {root} does not exist or is not a folder or pixel store", [])
     cache = DigestCache(default_cache_path() if cache_path == "default" else cache_path)  # type: ignore[arg-type]
 
-    def check(f: FileDigest) -> str | None:
+    def local(f: FileDigest) -> tuple[int, str] | None:
+        """(size, blake2b) of the local copy of ``f`` (the digest only when the size matches), None if missing."""
+        if stored is not None:
+            got = stored.get(f.name)
+            return None if got is None else (got.size, got.blake2b)
         path = root / f.name
+        if not path.is_file():
+            return None
+        size = path.stat().st_size
+        return (size, hash_file(path, cache)[1] if size == f.size else "")
+
+    def check(f: FileDigest) -> str | None:
         try:
-            if not path.is_file():
-                return f"{f.name}: missing (the server's is {f.size} bytes)"
-            size = path.stat().st_size
-            if size != f.size:
-                return f"{f.name}: {size} bytes here, {f.size} bytes on the server"
-            _, digest = hash_file(path, cache)
+            got = local(f)
         except OSError as exc:
             return f"{f.name}: unreadable ({exc.strerror or exc})"
+        if got is None:
+            return f"{f.name}: missing (the server's is {f.size} bytes)"
+        size, digest = got
+        if size != f.size:
+            return f"{f.name}: {size} bytes here, {f.size} bytes on the server"
         if digest != f.blake2b:
             return f"{f.name}: different content (blake2b {digest[:16]}... here, {f.blake2b[:16]}... on the server)"
         return None

@@ -134,7 +134,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(root: str, images: list[ImageInfo], cfg_dict: dict, device: str, keep_precodec: bool,
-                 backend: CodecBackend | None = None, time_stages: bool = False) -> None:
+                 backend: CodecBackend | None = None, time_stages: bool = False, store: str | None = None) -> None:
     # One compute thread per worker process, whatever the budget: parallelism comes from the processes.
     # Several OpenMP threads in one worker spin at every barrier while they wait for each other, and when
     # the scheduler gives this process less CPU than it has threads (a busy neighbour in another session,
@@ -142,7 +142,7 @@ def _init_worker(root: str, images: list[ImageInfo], cfg_dict: dict, device: str
     # needed: a 1-worker server with 2 threads fell from ~30 to ~1 pair/s beside one busy process.
     torch.set_num_threads(1)
     cfg = DegradationConfig.from_dict(cfg_dict)
-    _WORKER["folder"] = ImageFolder(root, cfg.patch_size, images=images)
+    _WORKER["folder"] = ImageFolder(root, cfg.patch_size, images=images, store=store)  # the store: mapped by path
     _WORKER["engines"] = _EngineCache(cfg, device, keep_precodec, backend, time_stages)
 
 
@@ -264,7 +264,7 @@ class BatchProducer:
     def _pool_initializer(self) -> tuple:
         """``(initializer, initargs)`` of the worker processes."""
         return _init_worker, (str(self.folder.root), self.folder.images, self.cfg.to_dict(), self.device,
-                              self.keep_precodec, self.backend, self.time_stages)
+                              self.keep_precodec, self.backend, self.time_stages, self.folder.store_path)
 
     def produce(self, seed: int, epoch: int, indices: Iterable[int], *, want_hr: bool = True,
                 want_usm: bool = True, cfg: DegradationConfig | None = None,

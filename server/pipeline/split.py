@@ -56,14 +56,16 @@ log = logging.getLogger(__name__)
 _WORKER: dict = {}
 
 
-def _init_worker(root: str, images: list[ImageInfo], patch_size: int, backend: CodecBackend | None) -> None:
+def _init_worker(root: str, images: list[ImageInfo], patch_size: int, backend: CodecBackend | None,
+                 store: str | None = None) -> None:
     torch.set_num_threads(1)  # the workers decode and code; torch is not used there
-    _WORKER["folder"] = ImageFolder(root, patch_size, images=images)
+    _WORKER["folder"] = ImageFolder(root, patch_size, images=images, store=store)  # the store: mapped by path
     _WORKER["codec"] = VideoRoundTrip(backend)
 
 
 def _load_task(spec: SlotSpec, refs: tuple[PatchRef, ...]) -> float:
-    """Decode and crop the HR patches of a batch into ``slot.hr``; returns the busy seconds."""
+    """Decode (or copy from the pixel store's map) and crop the HR patches of a batch into ``slot.hr``;
+    returns the busy seconds."""
     t0 = time.perf_counter()
     slot = attach(spec)
     try:
@@ -153,7 +155,8 @@ class SplitProducer(BatchProducer):
 
     # ------------------------------------------------------------------
     def _pool_initializer(self) -> tuple:
-        return _init_worker, (str(self.folder.root), self.folder.images, self.cfg.patch_size, self.backend)
+        return _init_worker, (str(self.folder.root), self.folder.images, self.cfg.patch_size, self.backend,
+                              self.folder.store_path)
 
     def _engine(self, cfg_key: str | None) -> Engine:
         with self._engine_lock:

@@ -4,6 +4,7 @@
                    [--device auto|cpu|cuda] [--pipeline auto|split|batch] [--token T | --token-file F]
                    [--tls-cert C --tls-key K] [--config FILE] [--metrics-port M]
                    [--max-streams S] [--max-waiting-streams W] [--idle-stream-seconds I]
+                   [--store-dir DIR | --no-store] [--store-max-gb G]
 
 :func:`create_server` builds a started-or-not server from a frozen
 :class:`ServerConfig` and returns it with its bound port (tests bind port 0);
@@ -36,8 +37,9 @@ from client.protocol import degrade_pb2 as pb
 from server.degradation.config import PROFILES, ConfigError, DegradationConfig
 from server.degradation.cpu_budget import ENV as CPUS_ENV
 from server.degradation.cpu_budget import CpuBudget, cpu_budget, parse_cpus
-from server.degradation.fingerprint import dataset_digests, fingerprint
+from server.degradation.fingerprint import fingerprint
 from server.degradation.images import ImageFolder
+from server.degradation.pixel_store import add_store_arguments, default_store_dir
 from server.pipeline.registry import add_pipeline_argument, make_producer
 
 from .degrader import SERVICE_NAME, DegradeService, package_version
@@ -73,6 +75,9 @@ class ServerConfig:
     max_video_batch: int = 256          # largest video batch a request may ask for
     codec_backend: str = "auto"         # auto | software | hybrid | nvenc, or per codec: "auto,libx264=nvenc"
     pipeline: str = "auto"              # auto (split on a GPU, batch on the CPU) | split | batch
+    store_dir: Path | None = None       # pixel stores; None: $DEGRADE_STORE_DIR, else ~/.cache/vcisr-degrade/stores
+    no_store: bool = False              # decode at every use, write no pixel store
+    store_max_gb: float | None = None   # None: $DEGRADE_STORE_MAX_GB, else pixel_store.DEFAULT_MAX_GB
 
     def redacted(self) -> dict:
         d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -184,10 +189,15 @@ def create_server(config: ServerConfig) -> tuple[DegradeServer, int]:
         from server.degradation.sample_data import ensure_sample_data
 
         root = ensure_sample_data(progress=False)
-    folder = ImageFolder(root, cfg.patch_size, scan_threads=helper_threads)
-    log.info("images: %s - %d usable, %d skipped", root, len(folder.images), len(folder.skipped))
+    store_dir = None if config.no_store else (config.store_dir or default_store_dir())
     t0 = time.perf_counter()
-    dataset_files = dataset_digests(root, folder.images, threads=helper_threads)
+    folder = ImageFolder(root, cfg.patch_size, store_dir=store_dir, store_max_gb=config.store_max_gb,
+                         scan_threads=helper_threads, progress=sys.stderr.isatty())
+    log.info("images: %s - %d usable, %d skipped, scanned in %.1f s (%s)", root, len(folder.images),
+             len(folder.skipped), time.perf_counter() - t0,
+             f"pixel store {folder.store_path}" if folder.store_path else "no pixel store")
+    t0 = time.perf_counter()
+    dataset_files = folder.dataset_files(threads=helper_threads)
     log.info("dataset fingerprint %s (blake2b of %d files, %.1f s)", fingerprint(dataset_files)[:16],
              len(dataset_files), time.perf_counter() - t0)
     device = config.resolved_device()
@@ -201,7 +211,7 @@ def create_server(config: ServerConfig) -> tuple[DegradeServer, int]:
         backend_names = sorted(plan.backends_used) + list(plan.hardware_warnings)
     producer = make_producer(folder, cfg, pipeline=config.pipeline, workers=config.workers, device=device,
                              backend=backend, cpus=budget.cores)
-    service = DegradeService(producer, dataset_name=Path(root).name, max_streams=config.max_streams,
+    service = DegradeService(producer, dataset_name=folder.dataset_name, max_streams=config.max_streams,
                              max_video_batch=config.max_video_batch, codec_backends=backend_names,
                              max_waiting_streams=config.max_waiting_streams,
                              idle_stream_seconds=config.idle_stream_seconds, dataset_files=dataset_files,
@@ -251,12 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Environment: DEGRADE_TOKEN or DEGRADE_TOKEN_FILE set the token when no flag does; "
                "DEGRADE_SAMPLE_DIR is where the built-in sample photographs live; DEGRADE_HASH_CACHE is the file "
                "caching the dataset fingerprint's per-image hashes (default ~/.cache/vcisr-degrade/"
-               "file-hashes.json; 'off' to disable); DEGRADE_CPUS is the CPU limit when --cpus is not given.\n\n"
+               "file-hashes.json; 'off' to disable); DEGRADE_STORE_DIR and DEGRADE_STORE_MAX_GB set --store-dir "
+               "('off': --no-store) and --store-max-gb; DEGRADE_CPUS is the CPU limit when --cpus is not given.\n\n"
                "Examples:\n  degrade-server                         # sample data, port 50051, all cores\n"
                "  degrade-server --images /data --token-file /run/secrets/degrade_token --metrics-port 9100",
     )
     p.add_argument("--images", type=Path, default=None,
-                   help="folder of HR images (short side >= the patch size); default: built-in sample photographs")
+                   help="folder of HR images (short side >= the patch size), or a pixel store file written by "
+                        "`degrade pack`; default: built-in sample photographs")
+    add_store_arguments(p)
     p.add_argument("--host", default="[::]", help="address to listen on (default: all, IPv4 and IPv6)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (default %(default)s; 0 = any free)")
     p.add_argument("--workers", type=int, default=None,
@@ -315,6 +328,8 @@ def config_from_args(args: argparse.Namespace, environ: dict | None = None) -> S
         raise ConfigError("--max-waiting-streams must be 0 or more")
     if args.idle_stream_seconds < 0:
         raise ConfigError("--idle-stream-seconds must be 0 (never) or more")
+    if args.store_max_gb is not None and args.store_max_gb < 0:
+        raise ConfigError("--store-max-gb must be 0 or more")
     return ServerConfig(
         images=args.images, host=args.host, port=args.port, workers=args.workers, device=args.device, token=token,
         tls_cert=args.tls_cert, tls_key=args.tls_key, config_file=args.config, profile=args.profile,
@@ -323,6 +338,7 @@ def config_from_args(args: argparse.Namespace, environ: dict | None = None) -> S
         drain_seconds=args.drain_seconds, grace_seconds=args.grace_seconds, codec_backend=args.codec_backend,
         pipeline=args.pipeline, cpus=parse_cpus(args.cpus if args.cpus is not None else env.get(CPUS_ENV),
                                                 "--cpus" if args.cpus is not None else f"${CPUS_ENV}"),
+        store_dir=args.store_dir, no_store=args.no_store, store_max_gb=args.store_max_gb,
     )
 
 
