@@ -1,0 +1,239 @@
+"""CPU per pair on the send path: ``python -m benchmarks.send_path``.
+
+A ``degrade-server --workers 1`` runs as a subprocess on loopback, once per
+pipeline (batch, split); for each wire mode one client process pulls a fixed
+list of video batches.  Measured, start-up excluded:
+
+* **server main process**: utime + stime of the server's main process alone
+  (``/proc/PID/stat``: all its threads, gRPC's included; its worker processes
+  are separate processes and not counted), read just before the client starts
+  pulling and just after its last batch arrived (a warm-up batch before that
+  starts the workers and connects);
+* **client process**: ``os.times()`` of the client process around the same pull
+  (its decoding, and in modes lr-hr / lr the sharpening and HR cutting it does);
+* the **send ceiling** these imply: pairs/s one core could send, 1000 / (main-process ms per pair).
+
+With ``--pipeline split`` the device stage (the image work, ~30 ms per pair on
+the CPU) runs in the main process too, so only the differences between wire
+modes are the send path there; the batch pipeline's main process does only
+the receiving from its worker and the sending.  ``/proc`` counts in clock
+ticks (10 ms): a run of ~200 pairs resolves ~0.05 ms per pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+MODES = ("full", "lr-hr", "lr")
+PIPELINES = ("batch", "split")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` (all its threads, living and ended), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def server(images: Path, cfg_file: Path, pipeline: str, extra: list[str]) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``python -m server serve --workers 1 --port 0`` (its own session); yields (process, address)."""
+    cmd = [sys.executable, "-m", "server", "serve", "--images", str(images), "--config", str(cfg_file),
+           "--host", "127.0.0.1", "--port", "0", "--workers", "1", "--device", "cpu", "--pipeline", pipeline,
+           "--drain-seconds", "0", "--grace-seconds", "2", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    try:
+        address = None
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            m = re.search(r"listening on port (\d+)", line)
+            if m:
+                address = f"127.0.0.1:{m.group(1)}"
+                break
+            if not line and proc.poll() is not None:
+                break
+        if address is None:
+            raise RuntimeError(f"the degrade-server ({pipeline}) did not start")
+        yield proc, address
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def _client_main(address: str, mode: str, images: str, seed: int, warmup: list, jobs: list, streams: int,
+                 client_kw: dict, ready, start, out) -> None:
+    """One client process: a warm-up pull, then the measured pull (its own CPU time around it)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    from client import DegradeClient
+
+    torch.set_num_threads(1)
+    try:
+        with DegradeClient(address, streams_per_server=streams, wire=mode,
+                           hr_root=images if mode == "lr" else None, **client_kw) as client:
+            for _ in client.jobs(seed, warmup):  # connects, checks the dataset copy (lr), starts the workers
+                pass
+            ready.put(True)
+            start.wait()
+            b0, c0, t0 = client.stats.bytes, os.times(), time.perf_counter()
+            pairs = 0
+            for b in client.jobs(seed, jobs):
+                pairs += len(b)
+            c1, t1 = os.times(), time.perf_counter()
+            out.put({"pairs": pairs, "seconds": t1 - t0, "client_cpu_s": (c1.user - c0.user) + (c1.system - c0.system),
+                     "wire_bytes": client.stats.bytes - b0})
+    except BaseException as exc:  # noqa: BLE001 - the parent reports it
+        ready.put(False)
+        out.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def pull(server_pid: int, address: str, mode: str, images: Path, seed: int, warmup: list, jobs: list,
+         streams: int, client_kw: dict, timeout: float) -> dict:
+    """One measured pull: figures of the client process and of the server's main process."""
+    ctx = mp.get_context("spawn")
+    ready, start, out = ctx.Queue(), ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=_client_main, daemon=True,
+                       args=(address, mode, str(images), seed, warmup, jobs, streams, client_kw, ready, start, out))
+    proc.start()
+    try:
+        if not ready.get(timeout=timeout):
+            raise RuntimeError(f"client ({mode}) failed: {out.get(timeout=10)['error']}")
+        s0 = process_cpu_seconds(server_pid)
+        start.set()
+        res = out.get(timeout=timeout)
+        s1 = process_cpu_seconds(server_pid)
+        if "error" in res:
+            raise RuntimeError(f"client ({mode}) failed: {res['error']}")
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+    pairs = res["pairs"]
+    server_ms = (s1 - s0) * 1e3 / pairs
+    return {"wire": mode, **res, "server_main_cpu_s": s1 - s0, "server_ms_per_pair": server_ms,
+            "client_ms_per_pair": res["client_cpu_s"] * 1e3 / pairs, "kb_per_pair": res["wire_bytes"] / pairs / 1e3,
+            "pairs_per_s": pairs / res["seconds"],
+            "send_ceiling_pairs_per_s": 1e3 / server_ms if server_ms > 0 else float("inf")}
+
+
+def plan_jobs(images: Path, cfg, seed: int, pairs: int, first_epoch: int) -> list[tuple[int, int]]:
+    """(epoch, index) of consecutive video batches from ``first_epoch`` until ``pairs`` patches."""
+    from server.degradation.epoch_plan import make_epoch_plan
+    from server.degradation.images import ImageFolder
+
+    folder = ImageFolder(images, cfg.patch_size)
+    jobs, n, epoch = [], 0, first_epoch
+    while n < pairs:
+        plan = make_epoch_plan(folder.images, cfg, seed, epoch)
+        for k in range(plan.num_batches):
+            if n >= pairs:
+                break
+            jobs.append((epoch, k))
+            n += plan.batch_starts[k + 1] - plan.batch_starts[k]
+        epoch += 1
+    return jobs
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def table(res: dict) -> str:
+    """The figures as a Markdown table (the README's)."""
+    lines = ["| pipeline | wire | kB per pair | server main process, ms CPU per pair | send ceiling, pairs/s "
+             "at one core | client process, ms CPU per pair | pairs/s delivered |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for f in res["runs"]:
+        lines.append(f"| {f['pipeline']} | {f['wire']} | {f['kb_per_pair']:.1f} | {f['server_ms_per_pair']:.2f} | "
+                     f"{f['send_ceiling_pairs_per_s']:.0f} | {f['client_ms_per_pair']:.2f} | "
+                     f"{f['pairs_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.send_path", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modes", default=",".join(MODES), help="wire modes (default %(default)s)")
+    ap.add_argument("--pipelines", default=",".join(PIPELINES), help="server pipelines (default %(default)s)")
+    ap.add_argument("--pairs", type=int, default=192, help="pairs per measured pull (default %(default)s)")
+    ap.add_argument("--video-batch", type=int, default=32,
+                    help="video_batch_size of the served config (default %(default)s: several batches per pull)")
+    ap.add_argument("--images", type=Path, default=None, help="HR images (default: the built-in sample photographs)")
+    ap.add_argument("--streams", type=int, default=2, help="client streams (default %(default)s)")
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="extra degrade-server argument (repeatable), e.g. --server-arg=--no-shm")
+    ap.add_argument("--client-kw", default="{}", help="extra DegradeClient keyword arguments, a JSON object")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per pull (default %(default)s)")
+    ap.add_argument("--json", type=Path, default=None, help="write all figures here")
+    args = ap.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()]
+    if not modes or set(modes) - set(MODES) or not pipelines or set(pipelines) - set(PIPELINES):
+        ap.error(f"--modes takes {', '.join(MODES)}; --pipelines {', '.join(PIPELINES)}")
+    if not sys.platform.startswith("linux"):
+        print("benchmarks.send_path skipped: reads /proc (Linux only)")
+        return 0
+    from server.degradation.config import DegradationConfig
+
+    if args.images is None:
+        from server.degradation.sample_data import ensure_sample_data
+
+        args.images = ensure_sample_data(progress=False)
+    images = args.images.resolve()
+    cfg = DegradationConfig(video_batch_size=args.video_batch)
+    seed = 0
+    warmup = plan_jobs(images, cfg, seed, 1, first_epoch=500)[:1]
+    jobs = plan_jobs(images, cfg, seed, args.pairs, first_epoch=0)
+    client_kw = json.loads(args.client_kw)
+    results = {"command": "python -m benchmarks.send_path " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "commit": _commit(), "cores": os.cpu_count(), "platform": platform.platform(), "images": str(images),
+               "video_batch_size": args.video_batch, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_file = Path(tmp) / "send_path.yaml"
+        cfg_file.write_text(cfg.to_json())  # JSON is YAML
+        for pipeline in pipelines:
+            with server(images, cfg_file, pipeline, args.server_arg) as (proc, address):
+                for mode in modes:
+                    f = pull(proc.pid, address, mode, images, seed, warmup, jobs, args.streams, client_kw,
+                             args.timeout)
+                    f["pipeline"] = pipeline
+                    results["runs"].append(f)
+                    print(f"{pipeline:<6} {mode:<6} server main {f['server_ms_per_pair']:6.2f} ms/pair "
+                          f"(ceiling {f['send_ceiling_pairs_per_s']:7.0f} pairs/s), client "
+                          f"{f['client_ms_per_pair']:6.2f} ms/pair, {f['kb_per_pair']:6.1f} kB/pair, "
+                          f"{f['pairs_per_s']:5.1f} pairs/s ({f['pairs']} pairs)", flush=True)
+    print()
+    print(table(results))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"figures -> {args.json}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
