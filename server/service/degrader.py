@@ -47,6 +47,7 @@ from server.degradation.config import DegradationConfig
 from server.degradation.fingerprint import FileDigest, fingerprint
 from server.pipeline.batch import BatchProducer
 
+from .allocator import keep_large_buffers
 from .chunks import batch_chunks
 from .fairness import FairShare, QueueFull
 from .metrics import ServiceMetrics
@@ -96,6 +97,7 @@ class DegradeService:
                  metrics: ServiceMetrics | None = None, codec_backends: list[str] | None = None,
                  max_waiting_streams: int | None = None, idle_stream_seconds: float = 60.0,
                  dataset_files: list[FileDigest] | None = None):
+        keep_large_buffers()  # chunks of a few MB are sent all the time: reuse their memory (allocator.py)
         self._codec_backends = sorted(codec_backends or ["software"])
         #: the dataset fingerprint (server/degradation/fingerprint.py): per-file entries and the hash over them
         self.dataset_files = list(dataset_files or [])
