@@ -11,7 +11,10 @@ list of video batches.  Measured, start-up excluded:
   starts the workers and connects);
 * **client process**: ``os.times()`` of the client process around the same pull
   (its decoding, and in modes lr-hr / lr the sharpening and HR cutting it does);
-* the **send ceiling** these imply: pairs/s one core could send, 1000 / (main-process ms per pair).
+* the **send ceiling** these imply: pairs/s one core could send, 1000 / (main-process ms per pair, idle share taken off);
+* the server's **idle** CPU (its timers, gRPC's pollers: ~1 ms per second here), measured for
+  ``--idle-seconds`` before each pull, and its share of each pair at the pull's rate: on a busy
+  machine where a pull runs at a pair per second it is a millisecond per pair, not the send path.
 
 With ``--pipeline split`` the device stage (the image work, ~30 ms per pair on
 the CPU) runs in the main process too, so only the differences between wire
@@ -27,14 +30,13 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import re
-import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+
+from .delivered import serving
+from .wire import _commit
 
 MODES = ("full", "lr-hr", "lr")
 PIPELINES = ("batch", "split")
@@ -47,37 +49,12 @@ def process_cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-@contextmanager
-def server(images: Path, cfg_file: Path, pipeline: str, extra: list[str]) -> Iterator[tuple[subprocess.Popen, str]]:
-    """``python -m server serve --workers 1 --port 0`` (its own session); yields (process, address)."""
+def server(images: Path, cfg_file: Path, pipeline: str, extra: list[str]):
+    """``python -m server serve --workers 1 --port 0``: a context yielding (process, address)."""
     cmd = [sys.executable, "-m", "server", "serve", "--images", str(images), "--config", str(cfg_file),
            "--host", "127.0.0.1", "--port", "0", "--workers", "1", "--device", "cpu", "--pipeline", pipeline,
            "--drain-seconds", "0", "--grace-seconds", "2", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            start_new_session=True)
-    try:
-        address = None
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            m = re.search(r"listening on port (\d+)", line)
-            if m:
-                address = f"127.0.0.1:{m.group(1)}"
-                break
-            if not line and proc.poll() is not None:
-                break
-        if address is None:
-            raise RuntimeError(f"the degrade-server ({pipeline}) did not start")
-        yield proc, address
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        if proc.stdout:
-            proc.stdout.close()
+    return serving(cmd)
 
 
 def _client_main(address: str, mode: str, images: str, seed: int, warmup: list, jobs: list, streams: int,
@@ -109,7 +86,7 @@ def _client_main(address: str, mode: str, images: str, seed: int, warmup: list, 
 
 
 def pull(server_pid: int, address: str, mode: str, images: Path, seed: int, warmup: list, jobs: list,
-         streams: int, client_kw: dict, timeout: float) -> dict:
+         streams: int, client_kw: dict, timeout: float, idle_seconds: float) -> dict:
     """One measured pull: figures of the client process and of the server's main process."""
     ctx = mp.get_context("spawn")
     ready, start, out = ctx.Queue(), ctx.Event(), ctx.Queue()
@@ -119,7 +96,10 @@ def pull(server_pid: int, address: str, mode: str, images: Path, seed: int, warm
     try:
         if not ready.get(timeout=timeout):
             raise RuntimeError(f"client ({mode}) failed: {out.get(timeout=10)['error']}")
-        s0 = process_cpu_seconds(server_pid)
+        i0, ti = process_cpu_seconds(server_pid), time.perf_counter()
+        time.sleep(idle_seconds)  # the server's CPU while connected and not pulling: its own clock work
+        s0, t0 = process_cpu_seconds(server_pid), time.perf_counter()
+        idle_rate = (sum(s0) - sum(i0)) / (t0 - ti) if idle_seconds > 0 else 0.0
         start.set()
         res = out.get(timeout=timeout)
         s1 = process_cpu_seconds(server_pid)
@@ -132,11 +112,14 @@ def pull(server_pid: int, address: str, mode: str, images: Path, seed: int, warm
     pairs = res["pairs"]
     user, system = s1[0] - s0[0], s1[1] - s0[1]
     server_ms = (user + system) * 1e3 / pairs
+    idle_ms = idle_rate * res["seconds"] * 1e3 / pairs
     return {"wire": mode, **res, "server_main_cpu_s": user + system, "server_ms_per_pair": server_ms,
+            "server_idle_cpu_ms_per_s": idle_rate * 1e3, "server_idle_ms_per_pair": idle_ms,
+            "server_net_ms_per_pair": max(0.0, server_ms - idle_ms),
             "server_user_ms_per_pair": user * 1e3 / pairs, "server_sys_ms_per_pair": system * 1e3 / pairs,
             "client_ms_per_pair": res["client_cpu_s"] * 1e3 / pairs, "kb_per_pair": res["wire_bytes"] / pairs / 1e3,
             "pairs_per_s": pairs / res["seconds"],
-            "send_ceiling_pairs_per_s": 1e3 / server_ms if server_ms > 0 else float("inf")}
+            "send_ceiling_pairs_per_s": 1e3 / max(server_ms - idle_ms, 1e-3)}
 
 
 def plan_jobs(images: Path, cfg, seed: int, pairs: int, first_epoch: int) -> list[tuple[int, int]]:
@@ -157,22 +140,15 @@ def plan_jobs(images: Path, cfg, seed: int, pairs: int, first_epoch: int) -> lis
     return jobs
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def table(res: dict) -> str:
     """The figures as a Markdown table (the README's)."""
-    lines = ["| pipeline | wire | kB per pair | server main process, ms CPU per pair (user + sys) | send ceiling, "
-             "pairs/s at one core | client process, ms CPU per pair | pairs/s delivered |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| pipeline | wire | kB per pair | server main process, ms CPU per pair (user + sys) | of which idle "
+             "| send ceiling, pairs/s at one core | client process, ms CPU per pair | pairs/s delivered |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for f in res["runs"]:
         lines.append(f"| {f['pipeline']} | {f['wire']} | {f['kb_per_pair']:.1f} | {f['server_ms_per_pair']:.2f} "
                      f"({f['server_user_ms_per_pair']:.2f} + {f['server_sys_ms_per_pair']:.2f}) | "
+                     f"{f['server_idle_ms_per_pair']:.2f} | "
                      f"{f['send_ceiling_pairs_per_s']:.0f} | {f['client_ms_per_pair']:.2f} | "
                      f"{f['pairs_per_s']:.1f} |")
     return "\n".join(lines)
@@ -191,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-arg", action="append", default=[],
                     help="extra degrade-server argument (repeatable), e.g. --server-arg=--no-shm")
     ap.add_argument("--client-kw", default="{}", help="extra DegradeClient keyword arguments, a JSON object")
+    ap.add_argument("--idle-seconds", type=float, default=10,
+                    help="before each pull, measure the server's CPU while idle this long (default %(default)s)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per pull (default %(default)s)")
     ap.add_argument("--json", type=Path, default=None, help="write all figures here")
     args = ap.parse_args(argv)
@@ -223,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             with server(images, cfg_file, pipeline, args.server_arg) as (proc, address):
                 for mode in modes:
                     f = pull(proc.pid, address, mode, images, seed, warmup, jobs, args.streams, client_kw,
-                             args.timeout)
+                             args.timeout, args.idle_seconds)
                     f["pipeline"] = pipeline
                     results["runs"].append(f)
                     print(f"{pipeline:<6} {mode:<6} server main {f['server_ms_per_pair']:6.2f} ms/pair "
