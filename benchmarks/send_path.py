@@ -19,7 +19,12 @@ list of video batches.  Measured, start-up excluded:
 With ``--pipeline split`` the device stage (the image work, ~30 ms per pair on
 the CPU) runs in the main process too, so only the differences between wire
 modes are the send path there; the batch pipeline's main process does only
-the receiving from its worker and the sending.  ``/proc`` counts in clock
+the receiving from its worker and the sending.  ``replay`` is the service alone:
+a ``DegradeService`` in a process of its own whose producer hands out one made
+batch again and again (no image work, no workers, arrays already in memory),
+pulled as the wire mode asks, without the client's local work; at thousands of
+pairs per second its figures are the send path's own, whatever the load of the
+machine.  ``/proc`` counts in clock
 ticks (10 ms): a run of ~200 pairs resolves ~0.05 ms per pair.
 """
 
@@ -33,13 +38,15 @@ import platform
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 from .delivered import serving
 from .wire import _commit
 
 MODES = ("full", "lr-hr", "lr")
-PIPELINES = ("batch", "split")
+PIPELINES = ("batch", "split", "replay")
 
 
 def process_cpu_seconds(pid: int) -> tuple[float, float]:
@@ -57,6 +64,74 @@ def server(images: Path, cfg_file: Path, pipeline: str, extra: list[str]):
     return serving(cmd)
 
 
+def _replay_server(video_batch: int, port_q, stop) -> None:
+    """A DegradeService whose producer replays one made batch from memory (no image work, no workers)."""
+    import dataclasses
+    import types
+    from concurrent import futures
+
+    import grpc
+    import numpy as np
+
+    from server.degradation.config import DegradationConfig
+    from server.degradation.engine import BatchResult
+    from server.service.degrader import DegradeService
+    from server.service.serve import SERVER_OPTIONS
+
+    cfg = DegradationConfig(video_batch_size=video_batch)
+    rng = np.random.default_rng(0)
+    n, hr, lr = video_batch, cfg.patch_size, cfg.lr_size
+    base = BatchResult(0, 0, 0, rng.integers(0, 256, (n, lr, lr, 3), dtype=np.uint8),
+                       rng.integers(0, 256, (n, hr, hr, 3), dtype=np.uint8),
+                       rng.integers(0, 256, (n, hr, hr, 3), dtype=np.uint8),
+                       [{"patch_id": f"e0/photo{i}.png/{i}_{i}", "params": "x" * 700} for i in range(n)])
+
+    class Replay:
+        workers, prefetch, in_flight, device = 1, 2, 0, "cpu"
+        folder = types.SimpleNamespace(images=[], skipped=[])
+
+        def __init__(self):
+            self.cfg = cfg
+
+        @staticmethod
+        def plan(seed, epoch, cfg=None):
+            return types.SimpleNamespace(num_batches=1 << 30, num_patches=n << 30)
+
+        @staticmethod
+        def produce(seed, epoch, indices, **kw):
+            for k in indices:
+                yield dataclasses.replace(base, seed=seed, epoch=epoch, batch_index=k)
+
+        @staticmethod
+        def failure_reason(epoch, index):
+            return None
+
+    service = DegradeService(Replay(), dataset_name="replay", max_streams=8)
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=SERVER_OPTIONS)
+    srv.add_generic_rpc_handlers((service.handler(),))
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    port_q.put(port)
+    stop.wait()
+    srv.stop(0)
+
+
+@contextmanager
+def replay_server(video_batch: int) -> Iterator[tuple[Any, str]]:
+    """The replaying service in a process of its own; yields (process, address)."""
+    ctx = mp.get_context("spawn")
+    port_q, stop = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=_replay_server, args=(video_batch, port_q, stop), daemon=True)
+    proc.start()
+    try:
+        yield proc, f"127.0.0.1:{port_q.get(timeout=300)}"
+    finally:
+        stop.set()
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+
+
 def _client_main(address: str, mode: str, images: str, seed: int, warmup: list, jobs: list, streams: int,
                  client_kw: dict, ready, start, out) -> None:
     """One client process: a warm-up pull, then the measured pull (its own CPU time around it)."""
@@ -67,6 +142,10 @@ def _client_main(address: str, mode: str, images: str, seed: int, warmup: list, 
 
     torch.set_num_threads(1)
     try:
+        if client_kw.pop("replay", False):  # the replaying server has no dataset: only what the wire carries
+            include_hr, include_usm = {"full": (True, True), "lr-hr": (True, False), "lr": (False, False)}[mode]
+            client_kw.update(include_hr=include_hr, include_hr_usm=include_usm)
+            mode = "full"
         with DegradeClient(address, streams_per_server=streams, wire=mode,
                            hr_root=images if mode == "lr" else None, **client_kw) as client:
             for _ in client.jobs(seed, warmup):  # connects, checks the dataset copy (lr), starts the workers
@@ -158,8 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.send_path", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", default=",".join(MODES), help="wire modes (default %(default)s)")
-    ap.add_argument("--pipelines", default=",".join(PIPELINES), help="server pipelines (default %(default)s)")
+    ap.add_argument("--pipelines", default=",".join(PIPELINES),
+                    help="server pipelines, and 'replay': the service alone (default %(default)s)")
     ap.add_argument("--pairs", type=int, default=192, help="pairs per measured pull (default %(default)s)")
+    ap.add_argument("--replay-pairs", type=int, default=3200,
+                    help="pairs per pull from the replaying server (default %(default)s)")
     ap.add_argument("--video-batch", type=int, default=32,
                     help="video_batch_size of the served config (default %(default)s: several batches per pull)")
     ap.add_argument("--images", type=Path, default=None, help="HR images (default: the built-in sample photographs)")
@@ -190,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     seed = 0
     warmup = plan_jobs(images, cfg, seed, 1, first_epoch=500)[:1]
     jobs = plan_jobs(images, cfg, seed, args.pairs, first_epoch=0)
+    replay_jobs = [(0, k) for k in range(-(-args.replay_pairs // args.video_batch))]
     client_kw = json.loads(args.client_kw)
     results = {"command": "python -m benchmarks.send_path " + " ".join(argv if argv is not None else sys.argv[1:]),
                "commit": _commit(), "cores": os.cpu_count(), "platform": platform.platform(), "images": str(images),
@@ -198,10 +281,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg_file = Path(tmp) / "send_path.yaml"
         cfg_file.write_text(cfg.to_json())  # JSON is YAML
         for pipeline in pipelines:
-            with server(images, cfg_file, pipeline, args.server_arg) as (proc, address):
+            replay = pipeline == "replay"
+            serving_ = replay_server(args.video_batch) if replay else server(images, cfg_file, pipeline,
+                                                                              args.server_arg)
+            with serving_ as (proc, address):
                 for mode in modes:
-                    f = pull(proc.pid, address, mode, images, seed, warmup, jobs, args.streams, client_kw,
-                             args.timeout, args.idle_seconds)
+                    runs = (replay_jobs if replay else jobs)
+                    f = pull(proc.pid, address, mode, images, seed, warmup, runs, args.streams,
+                             {**client_kw, "replay": True} if replay else client_kw, args.timeout,
+                             args.idle_seconds)
                     f["pipeline"] = pipeline
                     results["runs"].append(f)
                     print(f"{pipeline:<6} {mode:<6} server main {f['server_ms_per_pair']:6.2f} ms/pair "
