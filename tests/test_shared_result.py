@@ -86,3 +86,18 @@ def test_worker_batches_equal_the_engines_and_leave_no_files(photo_dir):
         assert b.hr_usm.tobytes() == want.hr_usm.tobytes() and b.records == want.records
     left = [p for p in os.listdir(SHM_DIR) if any(p.startswith(f"degrade-batch-{pid}-") for pid in pids)]
     assert not left
+
+
+def test_orphans_of_a_killed_process_tree_are_swept_once_old(tmp_path, monkeypatch):
+    monkeypatch.setattr(shared_result, "SHM_DIR", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    old_dead, new_dead, old_alive = (tmp_path / f"degrade-batch-{dead}-0-aa", tmp_path / f"degrade-batch-{dead}-1-bb",
+                                     tmp_path / f"degrade-batch-{os.getpid()}-0-cc")
+    other = tmp_path / "not-ours"
+    for p in (old_dead, new_dead, old_alive, other):
+        p.write_bytes(b"x")
+    for p in (old_dead, old_alive, other):
+        os.utime(p, (time.time() - 3600, time.time() - 3600))
+    assert shared_result.sweep_orphans() == [old_dead.name]
+    assert not old_dead.exists() and new_dead.exists() and old_alive.exists() and other.exists()

@@ -25,6 +25,7 @@ import logging
 import mmap
 import os
 import secrets
+import time
 from multiprocessing import resource_tracker
 
 import numpy as np
@@ -40,6 +41,10 @@ ARRAY_FIELDS = ("lr", "hr", "hr_usm", "precodec")
 
 _counter = itertools.count()
 _warned = False
+_swept = False
+#: a batch file lives from its worker's write to the consumer's mapping (well under a second); one this old
+#: whose worker is gone was never received
+ORPHAN_SECONDS = 600.0
 
 
 class SharedBatch:
@@ -59,7 +64,10 @@ class SharedBatch:
 def share(result: BatchResult) -> SharedBatch | BatchResult:
     """In a worker: write ``result``'s arrays into a new shared-memory file.  Returns what to send back
     (the result itself where the file cannot be made)."""
-    global _warned
+    global _warned, _swept
+    if not _swept:
+        _swept = True
+        sweep_orphans()
     arrays = [(f, np.ascontiguousarray(a)) for f in ARRAY_FIELDS if (a := getattr(result, f)) is not None]
     name = f"degrade-batch-{os.getpid()}-{next(_counter)}-{secrets.token_hex(4)}"
     try:
@@ -70,6 +78,34 @@ def share(result: BatchResult) -> SharedBatch | BatchResult:
             log.warning("cannot write a batch into %s (%s); batches go through the pipe instead", SHM_DIR, exc)
         return result
     return SharedBatch(dataclasses.replace(result, **{f: None for f, _ in arrays}), name, layout)
+
+
+def sweep_orphans(older_than: float = ORPHAN_SECONDS) -> list[str]:
+    """Remove batch files left by a process tree killed as a whole (the resource tracker with it): older
+    than ``older_than`` seconds and made by a process that no longer exists.  Returns their names."""
+    removed = []
+    try:
+        names = [n for n in os.listdir(SHM_DIR) if n.startswith("degrade-batch-")]
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        try:
+            pid = int(name.split("-")[2])
+            if now - os.stat(os.path.join(SHM_DIR, name)).st_mtime < older_than:
+                continue
+            os.kill(pid, 0)  # still there: not ours to judge
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed.append(name)
+            except OSError:
+                pass
+        except (ValueError, IndexError, OSError):  # not a name of ours, gone already, or not allowed to ask
+            continue
+    if removed:
+        log.warning("removed %d orphaned batch file(s) from %s", len(removed), SHM_DIR)
+    return removed
 
 
 def _write(name: str, arrays: list[tuple[str, np.ndarray]]) -> list[tuple[str, str, tuple[int, ...], int]]:
