@@ -165,7 +165,7 @@ def measure(images: Path | None, cfg: DegradationConfig, pipeline: str, flags: t
 
 
 def _table(rows: list[dict[str, Any]], clients: int) -> str:
-    lines = [f"| pipeline | server flags | alone (pairs/s) | busy neighbour (pairs/s) | busy / alone |"
+    lines = ["| pipeline | server flags | alone (pairs/s) | busy neighbour (pairs/s) | busy / alone |"
              + (" per client, busy | min/max | longest gap (s) |" if clients > 1 else ""),
              "|---|---|---:|---:|---:|" + ("---|---:|---:|" if clients > 1 else "")]
     for r in rows:

@@ -42,7 +42,7 @@ def measure(images: Path, batches: int, repeats: int) -> dict[str, float]:
     """Core-ms per pair of each CPU step (see the module docstring)."""
     import torch
 
-    from benchmarks.bench import full_batches
+    from server.bench.workload import full_batches
     from server.codecs import VideoRoundTrip
     from server.codecs.software import SoftwareBackend
     from server.degradation.config import DegradationConfig

@@ -35,28 +35,38 @@ def server_process(images: Path, cfg: DegradationConfig, workers: int | None, de
                "--grace-seconds", "2"]
         if workers is not None:
             cmd += ["--workers", str(workers)]
-        proc = subprocess.Popen([*cmd, *extra], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                start_new_session=new_session)
-        try:
-            address = None
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
-                line = proc.stdout.readline()
-                m = re.search(r"listening on port (\d+)", line)
-                if m:
-                    address = f"127.0.0.1:{m.group(1)}"
-                    break
-                if not line and proc.poll() is not None:
-                    break
-            if address is None:
-                raise RuntimeError("the benchmark server did not start")
+        with serving([*cmd, *extra], new_session=new_session) as (_, address):
             yield address
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+
+
+@contextmanager
+def serving(cmd: list[str], *, new_session: bool = False) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Run a ``degrade-server`` command line that binds ``--host 127.0.0.1 --port 0`` (``new_session``: in a
+    session of its own); yields (process, address) once it listens, and stops it afterwards."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=new_session)
+    try:
+        address = None
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            m = re.search(r"listening on port (\d+)", line)
+            if m:
+                address = f"127.0.0.1:{m.group(1)}"
+                break
+            if not line and proc.poll() is not None:
+                break
+        if address is None:
+            raise RuntimeError("the benchmark server did not start")
+        yield proc, address
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        proc.stdout.close()
 
 
 def _client_main(address: str, seed: int, jobs: list[tuple[int, int]], ready, start, out, streams: int = 2,

@@ -32,6 +32,8 @@ from server.degradation.engine import BatchResult, Engine
 from server.degradation.epoch_plan import EpochPlan, PatchRef, make_epoch_plan
 from server.degradation.images import ImageFolder, ImageInfo
 
+from .shared_result import SharedBatch, share
+
 log = logging.getLogger(__name__)
 
 
@@ -170,9 +172,10 @@ class _EngineCache:
 
 
 def _work(cfg_json: str | None, seed: int, epoch: int, index: int, refs: tuple[PatchRef, ...], want_hr: bool,
-          want_usm: bool) -> BatchResult:
-    return _WORKER["engines"].get(cfg_json).make_batch_from_refs(_WORKER["folder"], seed, epoch, index, refs,
-                                                                 want_hr=want_hr, want_usm=want_usm)
+          want_usm: bool) -> SharedBatch | BatchResult:
+    """One batch, in a worker; it reaches the consumer through shared memory (server/pipeline/shared_result.py)."""
+    return share(_WORKER["engines"].get(cfg_json).make_batch_from_refs(_WORKER["folder"], seed, epoch, index, refs,
+                                                                       want_hr=want_hr, want_usm=want_usm))
 
 
 class BatchProducer:

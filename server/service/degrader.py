@@ -28,7 +28,6 @@ the pool does not count: only a chunk offered and not taken.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import queue
@@ -40,17 +39,17 @@ from itertools import count
 from typing import Any, Iterator
 
 import grpc
-import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
 from client.protocol import degrade_pb2 as pb
 from server.degradation.config import DegradationConfig
 from server.degradation.cpu_budget import CpuBudget, cpu_budget as find_cpu_budget
-from server.degradation.engine import BatchResult
 from server.degradation.fingerprint import FileDigest, fingerprint
 from server.pipeline.batch import BatchProducer
 
+from .allocator import keep_large_buffers
+from .chunks import batch_chunks
 from .fairness import FairShare, QueueFull
 from .metrics import ServiceMetrics
 from .requests import BatchJob, RequestError, resolve_config, validate_batch_request
@@ -65,46 +64,6 @@ def package_version() -> str:
         return metadata.version("vcisr-degrade")
     except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
         return "0+unknown"
-
-
-def _tensor(arr: np.ndarray) -> pb.Tensor:
-    return pb.Tensor(dtype=str(arr.dtype), shape=list(arr.shape), data=np.ascontiguousarray(arr).tobytes())
-
-
-def batch_chunks(result: BatchResult, job: BatchJob,
-                 dataset_fingerprint: str = "") -> Iterator[tuple[pb.PairChunk, int]]:
-    """Split one batch into messages of whole patches below ``job.max_chunk_bytes``.
-
-    Yields (message, tensor bytes in it)."""
-    n = len(result)
-    records = [json.dumps(r, separators=(",", ":"), default=str) for r in result.records]
-    per_patch = result.lr[0].nbytes
-    if job.include_hr and result.hr is not None:
-        per_patch += result.hr[0].nbytes
-    if job.include_hr_usm and result.hr_usm is not None:
-        per_patch += result.hr_usm[0].nbytes
-    budget = job.max_chunk_bytes - 4096  # room for the message's own fields
-    lo = 0
-    while lo < n:
-        hi, size = lo, 0
-        while hi < n and (hi == lo or size + per_patch + len(records[hi]) + 64 <= budget):
-            size += per_patch + len(records[hi]) + 64
-            hi += 1
-        msg = pb.PairChunk(
-            seed=result.seed, epoch=result.epoch, batch_index=result.batch_index, batch_size=n, first_patch=lo,
-            lr=_tensor(result.lr[lo:hi]),
-            patch_ids=[r["patch_id"] for r in result.records[lo:hi]], records_json=records[lo:hi],
-            last_chunk=hi == n, dataset_fingerprint=dataset_fingerprint,
-        )
-        nbytes = result.lr[lo:hi].nbytes
-        if job.include_hr and result.hr is not None:
-            msg.hr.CopyFrom(_tensor(result.hr[lo:hi]))
-            nbytes += result.hr[lo:hi].nbytes
-        if job.include_hr_usm and result.hr_usm is not None:
-            msg.hr_usm.CopyFrom(_tensor(result.hr_usm[lo:hi]))
-            nbytes += result.hr_usm[lo:hi].nbytes
-        yield msg, nbytes
-        lo = hi
 
 
 def cancel_with_status(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:
@@ -139,6 +98,7 @@ class DegradeService:
                  metrics: ServiceMetrics | None = None, codec_backends: list[str] | None = None,
                  max_waiting_streams: int | None = None, idle_stream_seconds: float = 60.0,
                  dataset_files: list[FileDigest] | None = None, cpu_budget: CpuBudget | None = None):
+        keep_large_buffers()  # chunks of a few MB are sent all the time: reuse their memory (allocator.py)
         self._codec_backends = sorted(codec_backends or ["software"])
         #: the dataset fingerprint (server/degradation/fingerprint.py): per-file entries and the hash over them
         self.dataset_files = list(dataset_files or [])
@@ -191,12 +151,12 @@ class DegradeService:
         return self._slots.waiting
 
     def handler(self) -> grpc.GenericRpcHandler:
-        """The method handlers (requests deserialized here, responses by protobuf)."""
+        """The method handlers (requests deserialized here; StreamBatches yields its chunks already serialized,
+        so gRPC sends its bytes as they are: no response serializer)."""
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
             "GetInfo": grpc.unary_unary_rpc_method_handler(
                 self.get_info, response_serializer=pb.ServerInfo.SerializeToString),
-            "StreamBatches": grpc.unary_stream_rpc_method_handler(
-                self.stream_batches, response_serializer=pb.PairChunk.SerializeToString),
+            "StreamBatches": grpc.unary_stream_rpc_method_handler(self.stream_batches, response_serializer=None),
         })
 
     # ------------------------------------------------------------------
@@ -246,7 +206,8 @@ class DegradeService:
         return str(dev)
 
     # ------------------------------------------------------------------
-    def stream_batches(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[pb.PairChunk]:
+    def stream_batches(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Serialized ``PairChunk`` messages (server/service/chunks.py)."""
         req = self._parse(raw, pb.BatchRequest, context)
         if self._draining.is_set():
             self._reject(context, grpc.StatusCode.UNAVAILABLE,
@@ -332,7 +293,7 @@ class DegradeService:
                 if self._draining.is_set() or not context.is_active():
                     return None
 
-    def _serve(self, job: BatchJob, context: grpc.ServicerContext, stream: _Stream) -> Iterator[pb.PairChunk]:
+    def _serve(self, job: BatchJob, context: grpc.ServicerContext, stream: _Stream) -> Iterator[bytes]:
         expected = iter(job.indices)
         out: queue.SimpleQueue = queue.SimpleQueue()
         cond = threading.Condition()
@@ -360,12 +321,14 @@ class DegradeService:
                         break
                     yield from self._offer(stream, self._failed_chunk(job, k))
                 self.metrics.codec_failures.inc(result.codec_failures)
-                for msg, nbytes in batch_chunks(result, job, self.dataset_fingerprint):
+                for chunk in batch_chunks(result, include_hr=job.include_hr, include_hr_usm=job.include_hr_usm,
+                                          max_chunk_bytes=job.max_chunk_bytes,
+                                          dataset_fingerprint=self.dataset_fingerprint):
                     # counted when handed to gRPC, so the counters never lag what a client has seen
-                    self.metrics.sent(len(result) if msg.last_chunk else 0, nbytes)
-                    if msg.last_chunk:
+                    self.metrics.sent(len(result) if chunk.last else 0, chunk.tensor_bytes)
+                    if chunk.last:
                         self.metrics.batches.inc()
-                    yield from self._offer(stream, msg)
+                    yield from self._offer(stream, chunk.data)
                 if self._draining.is_set() or not context.is_active():
                     break
         except Exception as exc:  # noqa: BLE001 - the status must say what happened, never UNKNOWN
@@ -383,7 +346,7 @@ class DegradeService:
                          "this server is shutting down; ask another server for the batches not yet received")
 
     @staticmethod
-    def _offer(stream: _Stream, msg: pb.PairChunk) -> Iterator[pb.PairChunk]:
+    def _offer(stream: _Stream, msg: bytes) -> Iterator[bytes]:
         """Yield one chunk; the idle watchdog sees it as offered until gRPC takes it (the generator resumes)."""
         stream.offered_at = time.monotonic()
         yield msg
@@ -409,8 +372,9 @@ class DegradeService:
                                    f"stream idle for {limit:g} s: cancelled to free its slot "
                                    "(the server's --idle-stream-seconds); ask again for the batches not received")
 
-    def _failed_chunk(self, job: BatchJob, index: int) -> pb.PairChunk:
+    def _failed_chunk(self, job: BatchJob, index: int) -> bytes:
         reason = self.producer.failure_reason(job.epoch, index) or "unknown reason"
         self.metrics.batch_failures.inc()
         return pb.PairChunk(seed=job.seed, epoch=job.epoch, batch_index=index, last_chunk=True,
-                            batch_error=f"video batch {index} of epoch {job.epoch} could not be made: {reason}")
+                            batch_error=f"video batch {index} of epoch {job.epoch} could not be made: {reason}"
+                            ).SerializeToString()
