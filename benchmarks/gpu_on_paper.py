@@ -49,8 +49,8 @@ def measure(images: Path, batches: int, repeats: int) -> dict[str, float]:
     from server.degradation.engine import Engine, crop_patches
     from server.degradation.images import ImageFolder
     from server.pipeline.batch import BatchProducer
-    from server.service.degrader import batch_chunks
-    from server.service.requests import MAX_CHUNK_BYTES, BatchJob
+    from server.service.chunks import batch_chunks
+    from server.service.requests import MAX_CHUNK_BYTES
 
     torch.set_num_threads(1)
     cfg = DegradationConfig(v2_prob=1.0)  # every batch through the video codecs
@@ -74,12 +74,12 @@ def measure(images: Path, batches: int, repeats: int) -> dict[str, float]:
         out["codec round trip"] = 1000 * _best(lambda: [backend.roundtrip(f, v) for f, v in inputs],
                                                repeats) / sum(len(f) for f, _ in inputs)
         for mode, hr, usm in (("full", True, True), ("lr-hr", True, False), ("lr", False, False)):
-            job = BatchJob(0, 0, (0,), hr, usm, cfg, MAX_CHUNK_BYTES)
 
-            def send(job=job):
+            def send(hr=hr, usm=usm):  # the PairChunks' wire bytes, as the service hands them to gRPC
                 for r in results:
-                    for msg, _ in batch_chunks(r, job, "f" * 64):
-                        msg.SerializeToString()
+                    for _ in batch_chunks(r, include_hr=hr, include_hr_usm=usm, max_chunk_bytes=MAX_CHUNK_BYTES,
+                                          dataset_fingerprint="f" * 64):
+                        pass
 
             out[f"send, wire {mode}"] = 1000 * _best(send, repeats) / sum(len(r) for r in results)
     return out
