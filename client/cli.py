@@ -10,6 +10,11 @@ Wire modes (what crosses the network per 360 -> 90 pair):
   lr-hr   LR + HR (~415 kB); the sharpened HR is made here with the server's USM (--device)
   lr      LR + records (~26 kB); HR is cut here from --hr-root, your copy of the server's image
           folder (checked against the server's dataset fingerprint first), and sharpened here
+
+Same host: a server on this machine that offers it hands over each batch's tensors as a
+shared-memory slot (/dev/shm) once this process proves it can read them; only ids and
+records (~1 kB per pair) cross the socket, and the arrays are the same. --no-shared-memory
+turns that off (the server's own flag is also --no-shared-memory).
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="where the sharpened HR is made in --wire lr-hr/lr: auto (cuda if available), cpu, cuda")
     p.add_argument("--no-hr-usm", action="store_true", help="no sharpened HR target (neither fetched nor made)")
+    p.add_argument("--no-shared-memory", action="store_true",
+                   help="take every tensor over the socket, even from a server on this host (see above)")
     p.add_argument("--json", type=Path, default=None,
                    help="write the figures (wire, pairs, pairs/s, bytes received, bytes per pair, ...) as JSON")
     p.add_argument("--out", type=Path, default=None, help="write a preview sheet (PNG) of the first pairs")
@@ -93,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
     client = DegradeClient(servers, token=token, tls=tls, streams_per_server=args.streams,
                            include_hr_usm=not args.no_hr_usm, wire=wire, hr_root=args.hr_root, sharpen_device=device,
-                           unreachable_timeout=args.unreachable_timeout)
+                           unreachable_timeout=args.unreachable_timeout, shared_memory=not args.no_shared_memory)
     preview: list = []
     try:
         info = client.info(args.seed, args.epoch)
@@ -105,12 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         from tqdm import tqdm
 
         t0 = time.perf_counter()
-        got = batches = nbytes = 0  # what this loop took (the client may hold a few more batches in its queue)
+        got = batches = nbytes = shared = 0  # what this loop took (the client may hold a few more in its queue)
         with tqdm(total=args.pairs, unit="pair", disable=None) as bar:
             for batch in client.epochs(args.seed, args.epoch):
                 got += len(batch)
                 batches += 1
                 nbytes += batch.wire_bytes
+                shared += batch.shared_memory
                 bar.update(min(len(batch), args.pairs - bar.n))
                 for i in range(len(batch)):
                     if len(preview) < args.preview_pairs:
@@ -132,11 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"received {got} pairs in {batches} video batches in {dt:.2f} s: {got / dt:.1f} pairs/s, "
           f"{nbytes / dt / 1e6:.1f} MB/s, {nbytes} bytes ({nbytes / max(got, 1) / 1e3:.1f} kB per pair); "
           f"retries {s.retries}; per server: " + ", ".join(f"{a} {n}" for a, n in sorted(s.per_server.items())))
+    print(f"delivery: {shared} of {batches} video batches from the server's shared memory (same host), "
+          f"{batches - shared} as bytes" + ("" if client.shared_memory else " (--no-shared-memory)"))
     if args.json is not None:
         figures = {"wire": wire, "servers": servers, "sharpen_device": device if client.local_usm else None,
                    "pairs": got, "batches": batches, "seconds": dt, "pairs_per_s": got / dt,
                    "bytes_received": nbytes, "bytes_per_pair": nbytes / max(got, 1), "mb_per_s": nbytes / dt / 1e6,
-                   "retries": s.retries, "per_server": s.per_server, "failed_batches": len(client.failures)}
+                   "retries": s.retries, "per_server": s.per_server, "failed_batches": len(client.failures),
+                   "shared_memory": client.shared_memory, "shared_batches": shared}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
         print(f"figures: {args.json}")

@@ -51,6 +51,7 @@ from .connection import TLS, auth_metadata, make_channel
 from .errors import DatasetMismatchError, DegradeError, LocalError
 from .protocol import degrade_pb2 as pb
 from .protocol import degrade_pb2_grpc as pbg
+from .shared_memory import SharedMemoryReader, SlotError, read_slot
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class VideoBatch:
     server: str = ""
     dataset_fingerprint: str = ""  # of the server that made it
     wire_bytes: int = 0  # bytes of the chunk messages received for it
+    shared_memory: bool = False  # its tensors were read from a same-host server's shared memory
 
     def __len__(self) -> int:
         return len(self.patch_ids)
@@ -92,6 +94,8 @@ class ClientStats:
     batches: int = 0
     pairs: int = 0
     bytes: int = 0  # received: the chunk messages (tensors, records, ids) as they came off the wire
+    shared_batches: int = 0  # batches whose tensors were read from a same-host server's shared memory
+    shared_bytes: int = 0    # their tensor bytes (not in ``bytes``: they never crossed the socket)
     retries: int = 0
     per_server: dict[str, int] = field(default_factory=dict)
 
@@ -170,6 +174,11 @@ class DegradeClient:
     that sharpens on its own device (``client.wire.Sharpener.targets``).  The local
     work runs in the stream threads, in parallel; on the CPU, ``torch.set_num_threads(1)``
     in the process is fastest (DataLoader workers have it already).
+
+    ``shared_memory`` (default True): from a server on this host that offers it, take the
+    tensors from its shared memory instead of the socket (client.shared_memory: only once
+    this process has shown it can read the server's ``/dev/shm``; other servers send bytes,
+    and the arrays are the same).  False: always bytes.
     """
 
     def __init__(self, addresses: str | Sequence[str], *, token: str | None = None,
@@ -178,7 +187,7 @@ class DegradeClient:
                  unreachable_timeout: float = DEFAULT_UNREACHABLE_TIMEOUT, warn_after: float = 60.0,
                  health_interval: float = 5.0, queue_batches: int | None = None,
                  give_up_after: float | None = None, wire: str = "full",
-                 hr_root: str | Path | None = None, sharpen_device: str | None = "cpu"):
+                 hr_root: str | Path | None = None, sharpen_device: str | None = "cpu", shared_memory: bool = True):
         from .wire import check_wire, wire_flags  # here, not above: client.wire imports torch, `import client` does not
 
         if isinstance(addresses, str):
@@ -196,6 +205,10 @@ class DegradeClient:
         self.wire = check_wire(wire, hr_root)
         self.hr_root = Path(hr_root) if hr_root is not None else None
         self.sharpen_device = sharpen_device
+        #: ask servers on this host for shared-memory slots (client/shared_memory.py)
+        self.shared_memory = bool(shared_memory)
+        self.shm = SharedMemoryReader()
+        self._probe_lock = threading.Lock()
         #: the sharpened HR is made here (wire modes lr-hr and lr)
         self.local_usm = wire != "full" and include_hr_usm and sharpen_device is not None
         # what the requests ask for
@@ -289,6 +302,9 @@ class DegradeClient:
                         self.probe(address, timeout)  # slow or gone? its health service says
                     continue
                 self._alive(address, "answered GetInfo")
+                if self.shared_memory and reply.shared_memory_probe:
+                    self.shm.first_ask(address)
+                    self.shm.learn(address, reply.shared_memory_probe)
                 return reply
             waited = time.monotonic() - max(start, self.last_contact())
             if waited >= self.unreachable_timeout:
@@ -298,6 +314,23 @@ class DegradeClient:
                 "no server answered GetInfo for %.0f s (%s); retrying in %.1f s", waited, "; ".join(errors), backoff)
             time.sleep(min(backoff, max(0.05, self.unreachable_timeout - waited)))
             backoff = min(backoff * 2, 5.0)
+
+    def _ask_probe(self, address: str) -> None:
+        """Before the first stream to ``address``: does it offer shared memory this process can read?
+        (Otherwise the first streams would carry bytes while the first one learns it.)"""
+        if not self.shared_memory:
+            return
+        with self._probe_lock:  # the other streams to it wait for the answer
+            if not self.shm.first_ask(address):
+                return
+            try:
+                reply = self._stubs[address].GetInfo(
+                    pb.InfoRequest(config_overrides_json=self.config_overrides_json), metadata=self._metadata,
+                    timeout=10)
+            except grpc.RpcError:  # the stream will tell (and name the probe) all the same
+                return
+            if reply.shared_memory_probe:
+                self.shm.learn(address, reply.shared_memory_probe)
 
     def num_batches(self, seed: int, epoch: int) -> int:
         return int(self.info(seed, epoch).batches_per_epoch)
@@ -598,11 +631,14 @@ class _Run:
                 return
             if group is None:
                 return
+            client._ask_probe(address)
             epoch = group[0][0]
             request = pb.BatchRequest(seed=self.seed, epoch=epoch,
                                       index_list=pb.IndexList(indices=[k for _, k in group]),
                                       include_hr=client.include_hr, include_hr_usm=client.include_hr_usm,
-                                      config_overrides_json=client.config_overrides_json)
+                                      config_overrides_json=client.config_overrides_json,
+                                      shared_memory=client.shared_memory,
+                                      shared_memory_token=client.shm.token(address) if client.shared_memory else b"")
             try:
                 call = stub.StreamBatches(request, metadata=client._metadata)
             except ValueError as exc:  # grpc: "Channel closed!" - close() ran between our check and this call
@@ -632,6 +668,12 @@ class _Run:
                                 [job for job in group if job in self.remaining])
                 self._put_back(group)
                 backoff = self._wait(backoff)  # let the other servers take the group first
+            except SlotError as exc:  # e.g. a slot removed before we read it: ask again for bytes, at once
+                call.cancel()
+                log.warning("%s: %s; asking again for %s as bytes", address, exc,
+                            [job for job in group if job in self.remaining])
+                client.shm.forget(address)
+                self._put_back(group)
             except LocalError as exc:  # this side's dataset copy or sharpening: no server can help
                 call.cancel()
                 self._fatal(exc)
@@ -651,8 +693,17 @@ class _Run:
             if self.stopping.is_set():
                 call.cancel()
                 return
+            if chunk.shared_memory_probe:  # the server offers shared memory: can this process read it?
+                self.client.shm.learn(address, chunk.shared_memory_probe)
             if chunk.batch_error:
                 self._done(epoch, chunk.batch_index, None, chunk.batch_error)
+                current = None
+                continue
+            if chunk.HasField("slot"):
+                batch = self._from_slot(chunk, address, epoch)
+                if self.side is not None:
+                    batch = self.side.complete(batch)
+                self._done(epoch, batch.index, batch, None)
                 current = None
                 continue
             if current is None or current.index != chunk.batch_index:
@@ -663,6 +714,31 @@ class _Run:
                 if self.side is not None:  # wire modes lr-hr, lr: HR and/or the sharpened HR made here
                     batch = self.side.complete(batch)
                 self._done(epoch, batch.index, batch, None)
+
+    def _from_slot(self, chunk: pb.PairChunk, address: str, epoch: int) -> VideoBatch:
+        """A whole batch whose tensors are in the server's shared memory (client/shared_memory.py): mapped,
+        then the slot is given back at once (the mapping keeps the pages)."""
+        slot = chunk.slot
+        try:
+            n = chunk.batch_size
+            if not (n >= 1 and chunk.first_patch == 0 and chunk.last_chunk and len(chunk.patch_ids) == n
+                    and len(chunk.records_json) == n):
+                raise SlotError(f"batch {chunk.batch_index}: a shared-memory batch of {n} patches with "
+                                f"{len(chunk.patch_ids)} ids and {len(chunk.records_json)} records")
+            arrays, nbytes = read_slot(slot, n)
+        finally:
+            try:
+                self.client._stubs[address].ReleaseSlots(pb.SlotRelease(leases=[slot.lease]),
+                                                         metadata=self.client._metadata, timeout=10)
+            except grpc.RpcError as exc:  # the server removes it after its timeout all the same
+                log.debug("%s: ReleaseSlots failed (%s)", address, exc.code().name)
+        with self.client._lock:
+            self.client.stats.shared_batches += 1
+            self.client.stats.shared_bytes += nbytes
+        records = [json.loads(r) for r in chunk.records_json]
+        return VideoBatch(self.seed, epoch, chunk.batch_index, arrays["lr"], arrays.get("hr"), arrays.get("hr_usm"),
+                          records, list(chunk.patch_ids), address, chunk.dataset_fingerprint, chunk.ByteSize(),
+                          shared_memory=True)
 
     def _done(self, epoch: int, index: int, batch: VideoBatch | None, error: str | None) -> None:
         with self.cond:

@@ -60,6 +60,7 @@ class TrainConfig:
     servers: tuple[str, ...] = ()         # empty: an in-process engine
     wire: str | None = None               # full | lr-hr | lr; None: lr with hr_root, else lr-hr (client.wire)
     hr_root: Path | None = None           # the trainer's copy of the servers' dataset (wire lr)
+    shared_memory: bool = True            # tensors from a same-host server's shared memory when it offers them
     token: str | None = None
     tls_ca: Path | None = None
     unreachable_timeout: float = 600.0    # servers: give up after this long with none reachable (slow is fine)
@@ -239,7 +240,8 @@ class Trainer:
             log.info("data from %s, wire %s: %s%s", ", ".join(cfg.servers), mode, DESCRIPTIONS[mode], where)
             # sharpen_device=None: the client leaves the sharpened HR to the training step, on this device
             return DegradeClient(list(cfg.servers), token=cfg.token, tls=cfg.tls_ca, wire=mode, hr_root=cfg.hr_root,
-                                 sharpen_device=None, unreachable_timeout=cfg.unreachable_timeout)
+                                 sharpen_device=None, unreachable_timeout=cfg.unreachable_timeout,
+                                 shared_memory=cfg.shared_memory)
         from client.local import LocalSource
 
         engine_device = str(self.device) if cfg.engine_device == "auto" else cfg.engine_device
@@ -518,6 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hr-root", type=Path, default=None,
                    help="this machine's copy of the servers' image folder (same names and bytes, checked against "
                         "their dataset fingerprint before the first batch): HR patches are cut here")
+    p.add_argument("--no-shared-memory", action="store_true",
+                   help="take every tensor over the socket. By default a server on this host that offers it hands "
+                        "each batch over as a shared-memory slot (/dev/shm) once this process proves it can read it: "
+                        "~1 kB per pair over the socket, the same arrays")
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--token", default=None, help="bearer token of the servers (default: $DEGRADE_TOKEN)")
     tok.add_argument("--token-file", type=Path, default=None, help="read the token from a file")
@@ -571,7 +577,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                                else None)
     return TrainConfig(
         stage=args.stage, out=args.out, servers=tuple(args.server), wire=args.wire, hr_root=args.hr_root,
-        token=token, tls_ca=args.tls_ca, unreachable_timeout=args.unreachable_timeout,
+        shared_memory=not args.no_shared_memory, token=token, tls_ca=args.tls_ca, unreachable_timeout=args.unreachable_timeout,
         images=args.images, degradation_config=args.degradation_config, engine_workers=args.engine_workers,
         engine_device=args.engine_device, engine_pipeline=args.engine_pipeline,
         seed=args.seed, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,

@@ -26,6 +26,8 @@ def test_contract_names():
 
     service = pb.DESCRIPTOR.services_by_name["Degrader"]
     assert pb.DESCRIPTOR.package == "degrade.v1"
-    assert {m.name for m in service.methods} == {"GetInfo", "StreamBatches"}
+    # ReleaseSlots: a same-host client gives back the shared-memory slots it mapped (issue 20)
+    assert {m.name for m in service.methods} == {"GetInfo", "StreamBatches", "ReleaseSlots"}
+    assert not service.methods_by_name["ReleaseSlots"].server_streaming
     assert service.methods_by_name["StreamBatches"].server_streaming
     assert not service.methods_by_name["GetInfo"].server_streaming

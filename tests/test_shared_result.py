@@ -40,7 +40,8 @@ def test_a_shared_batch_unpickles_as_the_batch_and_leaves_no_file():
     raw = pickle.dumps(shared)
     assert len(raw) < 2000  # only the layout and the records travel in the pickle
     got = pickle.loads(raw)
-    assert not path.exists()  # unlinked once mapped
+    assert path.exists() and got.shared.path == str(path)  # named while the result lives (a slot may take it)
+    assert got.shared.fields == {"lr", "hr_usm"}
     assert isinstance(got, BatchResult) and got.hr is None and got.precodec is None
     assert (got.seed, got.epoch, got.batch_index, got.records, got.timings, got.codec_failures) == \
         (5, 2, 7, result.records, {"codec": 1.5}, 1)
@@ -48,6 +49,20 @@ def test_a_shared_batch_unpickles_as_the_batch_and_leaves_no_file():
     assert got.lr.shape == result.lr.shape and got.lr.dtype == np.uint8
     got.lr[0] = 0  # writable, like an unpickled array, and private: nothing else sees it
     assert got.lr[0].sum() == 0
+    lr = got.lr
+    del got
+    assert not path.exists()  # removed with the result; its arrays live on
+    assert lr[0].sum() == 0 and lr[1:].tobytes() == result.lr[1:].tobytes()
+
+
+def test_a_taken_file_stays_until_its_new_owner_removes_it():
+    got = pickle.loads(pickle.dumps(share(fake())))
+    path, name = got.shared.path, got.shared.name
+    assert got.shared.take() and not got.shared.take()  # one owner
+    del got
+    assert Path(path).exists()
+    shared_result.remove_file(path, name)
+    assert not Path(path).exists()
 
 
 def test_without_shared_memory_the_batch_goes_through_the_pipe(monkeypatch, tmp_path):
@@ -84,6 +99,7 @@ def test_worker_batches_equal_the_engines_and_leave_no_files(photo_dir):
         want = engine.make_batch(folder, plan, b.batch_index)
         assert b.lr.tobytes() == want.lr.tobytes() and b.hr.tobytes() == want.hr.tobytes()
         assert b.hr_usm.tobytes() == want.hr_usm.tobytes() and b.records == want.records
+    del got, b  # the files go with the results
     left = [p for p in os.listdir(SHM_DIR) if any(p.startswith(f"degrade-batch-{pid}-") for pid in pids)]
     assert not left
 

@@ -106,7 +106,9 @@ def test_client_wire_modes_deliver_the_servers_bytes(make_server, hr_copy):
     _, address = make_server()
     got, per_pair = {}, {}
     for mode in ("full", "lr-hr", "lr"):
-        with DegradeClient(address, wire=mode, hr_root=hr_copy if mode == "lr" else None) as client:
+        # the bytes over the socket (a same-host client would take the tensors from shared memory)
+        with DegradeClient(address, wire=mode, hr_root=hr_copy if mode == "lr" else None,
+                           shared_memory=False) as client:
             got[mode] = list(client.epoch(SEED, 1, ordered=True))
             per_pair[mode] = client.stats.bytes / client.stats.pairs
     for mode in ("lr-hr", "lr"):
@@ -194,7 +196,7 @@ def test_degrade_client_wire_modes(make_server, hr_copy, tmp_path, capsys):
         out = tmp_path / f"{mode}.json"
         extra = ["--hr-root", str(hr_copy)] if mode == "lr" else []
         assert main(["--server", address, "--wire", mode, *extra, "--pairs", "3", "--device", "cpu",
-                     "--json", str(out)]) == 0
+                     "--json", str(out), "--no-shared-memory"]) == 0  # the bytes over the socket
         figures[mode] = json.loads(out.read_text())
         printed = capsys.readouterr().out
         assert f"wire {mode}" in printed and "bytes" in printed and "per pair" in printed
@@ -204,6 +206,14 @@ def test_degrade_client_wire_modes(make_server, hr_copy, tmp_path, capsys):
     assert figures["full"]["bytes_per_pair"] > 1.8 * figures["lr-hr"]["bytes_per_pair"]
     assert figures["lr-hr"]["bytes_per_pair"] > 15 * figures["lr"]["bytes_per_pair"]
     assert figures["lr-hr"]["sharpen_device"] == "cpu" and figures["full"]["sharpen_device"] is None
+    assert all(f["shared_batches"] == 0 and f["shared_memory"] is False for f in figures.values())
+    # the default on the server's own host: the tensors come from its shared memory, records over the socket
+    out = tmp_path / "same-host.json"
+    assert main(["--server", address, "--pairs", "3", "--json", str(out)]) == 0
+    assert "from the server's shared memory" in capsys.readouterr().out
+    same = json.loads(out.read_text())
+    assert same["shared_memory"] and same["shared_batches"] == same["batches"] >= 1
+    assert same["bytes_per_pair"] < 2048
     # bad input: a clear message, exit status 2
     assert main(["--server", address, "--wire", "lr", "--pairs", "2"]) == 2
     assert "--hr-root" in capsys.readouterr().err
@@ -243,8 +253,12 @@ def test_three_wire_modes_give_the_same_training_tensors(make_server, hr_copy, t
                 for a, b in zip(tensors["full"], tensors[mode]):  # LR, HR, sharpened HR
                     assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
             assert not torch.equal(tensors["full"][1], tensors["full"][2])  # the target is sharpened
-        per_pair = {m: t.source.stats.bytes / t.source.stats.pairs for m, t in trainers.items()}
-        assert per_pair["full"] > 1.8 * per_pair["lr-hr"] > 1.8 * 15 * per_pair["lr"]
+        # on the server's host the trainers took the tensors from its shared memory (their default): only
+        # ids and records crossed the socket (test_client_wire_modes_deliver_the_servers_bytes has the
+        # bytes of each mode over a socket)
+        for t in trainers.values():
+            assert t.source.shared_memory and t.source.stats.shared_batches == t.source.stats.batches > 0
+            assert t.source.stats.bytes / t.source.stats.pairs < 2048
     finally:
         for t in trainers.values():
             t.close()

@@ -19,7 +19,7 @@ class InfoRequest(_message.Message):
     def __init__(self, seed: _Optional[int] = ..., epoch: _Optional[int] = ..., config_overrides_json: _Optional[str] = ..., include_dataset_files: _Optional[bool] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "dataset_name", "num_images", "num_skipped_images", "patches_per_epoch", "batches_per_epoch", "scale", "hr_patch_size", "lr_patch_size", "video_batch_size", "codec_backends", "device", "profile", "default_config_json", "max_streams", "max_indices_per_request", "workers", "dataset_fingerprint", "dataset_files", "config_json", "cpu_budget_cores", "cpu_budget")
+    __slots__ = ("version", "dataset_name", "num_images", "num_skipped_images", "patches_per_epoch", "batches_per_epoch", "scale", "hr_patch_size", "lr_patch_size", "video_batch_size", "codec_backends", "device", "profile", "default_config_json", "max_streams", "max_indices_per_request", "workers", "dataset_fingerprint", "dataset_files", "config_json", "cpu_budget_cores", "cpu_budget", "shared_memory_probe")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DATASET_NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class ServerInfo(_message.Message):
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     CPU_BUDGET_CORES_FIELD_NUMBER: _ClassVar[int]
     CPU_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_PROBE_FIELD_NUMBER: _ClassVar[int]
     version: str
     dataset_name: str
     num_images: int
@@ -64,7 +65,8 @@ class ServerInfo(_message.Message):
     config_json: str
     cpu_budget_cores: int
     cpu_budget: str
-    def __init__(self, version: _Optional[str] = ..., dataset_name: _Optional[str] = ..., num_images: _Optional[int] = ..., num_skipped_images: _Optional[int] = ..., patches_per_epoch: _Optional[int] = ..., batches_per_epoch: _Optional[int] = ..., scale: _Optional[int] = ..., hr_patch_size: _Optional[int] = ..., lr_patch_size: _Optional[int] = ..., video_batch_size: _Optional[int] = ..., codec_backends: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., profile: _Optional[str] = ..., default_config_json: _Optional[str] = ..., max_streams: _Optional[int] = ..., max_indices_per_request: _Optional[int] = ..., workers: _Optional[int] = ..., dataset_fingerprint: _Optional[str] = ..., dataset_files: _Optional[_Iterable[_Union[DatasetFile, _Mapping]]] = ..., config_json: _Optional[str] = ..., cpu_budget_cores: _Optional[int] = ..., cpu_budget: _Optional[str] = ...) -> None: ...
+    shared_memory_probe: str
+    def __init__(self, version: _Optional[str] = ..., dataset_name: _Optional[str] = ..., num_images: _Optional[int] = ..., num_skipped_images: _Optional[int] = ..., patches_per_epoch: _Optional[int] = ..., batches_per_epoch: _Optional[int] = ..., scale: _Optional[int] = ..., hr_patch_size: _Optional[int] = ..., lr_patch_size: _Optional[int] = ..., video_batch_size: _Optional[int] = ..., codec_backends: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., profile: _Optional[str] = ..., default_config_json: _Optional[str] = ..., max_streams: _Optional[int] = ..., max_indices_per_request: _Optional[int] = ..., workers: _Optional[int] = ..., dataset_fingerprint: _Optional[str] = ..., dataset_files: _Optional[_Iterable[_Union[DatasetFile, _Mapping]]] = ..., config_json: _Optional[str] = ..., cpu_budget_cores: _Optional[int] = ..., cpu_budget: _Optional[str] = ..., shared_memory_probe: _Optional[str] = ...) -> None: ...
 
 class DatasetFile(_message.Message):
     __slots__ = ("name", "size", "blake2b", "width", "height")
@@ -81,7 +83,7 @@ class DatasetFile(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., blake2b: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class BatchRequest(_message.Message):
-    __slots__ = ("seed", "epoch", "index_list", "index_range", "include_hr", "include_hr_usm", "config_overrides_json", "max_chunk_bytes")
+    __slots__ = ("seed", "epoch", "index_list", "index_range", "include_hr", "include_hr_usm", "config_overrides_json", "max_chunk_bytes", "shared_memory", "shared_memory_token")
     SEED_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     INDEX_LIST_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +92,8 @@ class BatchRequest(_message.Message):
     INCLUDE_HR_USM_FIELD_NUMBER: _ClassVar[int]
     CONFIG_OVERRIDES_JSON_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_TOKEN_FIELD_NUMBER: _ClassVar[int]
     seed: int
     epoch: int
     index_list: IndexList
@@ -98,7 +102,9 @@ class BatchRequest(_message.Message):
     include_hr_usm: bool
     config_overrides_json: str
     max_chunk_bytes: int
-    def __init__(self, seed: _Optional[int] = ..., epoch: _Optional[int] = ..., index_list: _Optional[_Union[IndexList, _Mapping]] = ..., index_range: _Optional[_Union[IndexRange, _Mapping]] = ..., include_hr: _Optional[bool] = ..., include_hr_usm: _Optional[bool] = ..., config_overrides_json: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    shared_memory: bool
+    shared_memory_token: bytes
+    def __init__(self, seed: _Optional[int] = ..., epoch: _Optional[int] = ..., index_list: _Optional[_Union[IndexList, _Mapping]] = ..., index_range: _Optional[_Union[IndexRange, _Mapping]] = ..., include_hr: _Optional[bool] = ..., include_hr_usm: _Optional[bool] = ..., config_overrides_json: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., shared_memory_token: _Optional[bytes] = ...) -> None: ...
 
 class IndexList(_message.Message):
     __slots__ = ("indices",)
@@ -125,7 +131,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PairChunk(_message.Message):
-    __slots__ = ("seed", "epoch", "batch_index", "batch_size", "first_patch", "lr", "hr", "hr_usm", "patch_ids", "records_json", "last_chunk", "batch_error", "dataset_fingerprint")
+    __slots__ = ("seed", "epoch", "batch_index", "batch_size", "first_patch", "lr", "hr", "hr_usm", "patch_ids", "records_json", "last_chunk", "batch_error", "dataset_fingerprint", "shared_memory_probe", "slot")
     SEED_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     BATCH_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +145,8 @@ class PairChunk(_message.Message):
     LAST_CHUNK_FIELD_NUMBER: _ClassVar[int]
     BATCH_ERROR_FIELD_NUMBER: _ClassVar[int]
     DATASET_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_PROBE_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
     seed: int
     epoch: int
     batch_index: int
@@ -152,4 +160,46 @@ class PairChunk(_message.Message):
     last_chunk: bool
     batch_error: str
     dataset_fingerprint: str
-    def __init__(self, seed: _Optional[int] = ..., epoch: _Optional[int] = ..., batch_index: _Optional[int] = ..., batch_size: _Optional[int] = ..., first_patch: _Optional[int] = ..., lr: _Optional[_Union[Tensor, _Mapping]] = ..., hr: _Optional[_Union[Tensor, _Mapping]] = ..., hr_usm: _Optional[_Union[Tensor, _Mapping]] = ..., patch_ids: _Optional[_Iterable[str]] = ..., records_json: _Optional[_Iterable[str]] = ..., last_chunk: _Optional[bool] = ..., batch_error: _Optional[str] = ..., dataset_fingerprint: _Optional[str] = ...) -> None: ...
+    shared_memory_probe: str
+    slot: SharedSlot
+    def __init__(self, seed: _Optional[int] = ..., epoch: _Optional[int] = ..., batch_index: _Optional[int] = ..., batch_size: _Optional[int] = ..., first_patch: _Optional[int] = ..., lr: _Optional[_Union[Tensor, _Mapping]] = ..., hr: _Optional[_Union[Tensor, _Mapping]] = ..., hr_usm: _Optional[_Union[Tensor, _Mapping]] = ..., patch_ids: _Optional[_Iterable[str]] = ..., records_json: _Optional[_Iterable[str]] = ..., last_chunk: _Optional[bool] = ..., batch_error: _Optional[str] = ..., dataset_fingerprint: _Optional[str] = ..., shared_memory_probe: _Optional[str] = ..., slot: _Optional[_Union[SharedSlot, _Mapping]] = ...) -> None: ...
+
+class SharedSlot(_message.Message):
+    __slots__ = ("kind", "path", "lease", "size", "tensors", "timeout_ms")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    path: str
+    lease: int
+    size: int
+    tensors: _containers.RepeatedCompositeFieldContainer[SlotTensor]
+    timeout_ms: int
+    def __init__(self, kind: _Optional[str] = ..., path: _Optional[str] = ..., lease: _Optional[int] = ..., size: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[SlotTensor, _Mapping]]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class SlotTensor(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "offset")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class SlotRelease(_message.Message):
+    __slots__ = ("leases",)
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    leases: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, leases: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SlotReleaseReply(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: int
+    def __init__(self, released: _Optional[int] = ...) -> None: ...

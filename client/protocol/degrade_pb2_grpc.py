@@ -44,6 +44,11 @@ class DegraderStub:
                 request_serializer=degrade_dot_v1_dot_degrade__pb2.BatchRequest.SerializeToString,
                 response_deserializer=degrade_dot_v1_dot_degrade__pb2.PairChunk.FromString,
                 _registered_method=True)
+        self.ReleaseSlots = channel.unary_unary(
+                '/degrade.v1.Degrader/ReleaseSlots',
+                request_serializer=degrade_dot_v1_dot_degrade__pb2.SlotRelease.SerializeToString,
+                response_deserializer=degrade_dot_v1_dot_degrade__pb2.SlotReleaseReply.FromString,
+                _registered_method=True)
 
 
 class DegraderServicer:
@@ -65,6 +70,15 @@ class DegraderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseSlots(self, request, context):
+        """Same-host delivery: the client has mapped (or copied) these shared-memory
+        slots (PairChunk.slot) and the server may remove them. A slot never given
+        back is removed after its SharedSlot.timeout_ms all the same.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DegraderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +91,11 @@ def add_DegraderServicer_to_server(servicer, server):
                     servicer.StreamBatches,
                     request_deserializer=degrade_dot_v1_dot_degrade__pb2.BatchRequest.FromString,
                     response_serializer=degrade_dot_v1_dot_degrade__pb2.PairChunk.SerializeToString,
+            ),
+            'ReleaseSlots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseSlots,
+                    request_deserializer=degrade_dot_v1_dot_degrade__pb2.SlotRelease.FromString,
+                    response_serializer=degrade_dot_v1_dot_degrade__pb2.SlotReleaseReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +152,33 @@ class Degrader:
             '/degrade.v1.Degrader/StreamBatches',
             degrade_dot_v1_dot_degrade__pb2.BatchRequest.SerializeToString,
             degrade_dot_v1_dot_degrade__pb2.PairChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseSlots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/degrade.v1.Degrader/ReleaseSlots',
+            degrade_dot_v1_dot_degrade__pb2.SlotRelease.SerializeToString,
+            degrade_dot_v1_dot_degrade__pb2.SlotReleaseReply.FromString,
             options,
             channel_credentials,
             insecure,

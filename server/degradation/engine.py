@@ -60,6 +60,9 @@ class BatchResult:
     #: the uint8 frames that entered the video block and its parameters (benchmarks only)
     precodec: np.ndarray | None = None
     video: Any = None
+    #: the shared-memory file the arrays are views of, if any (server.pipeline.shared_result.BatchFile): it
+    #: goes when the result does, or is handed on to a same-host delivery slot (server.service.slots)
+    shared: Any = None
 
     def __len__(self) -> int:
         return len(self.records)

@@ -6,10 +6,16 @@ sharpened HR is ~100 MB, and the consumer's process - the server's main
 process, which also sends - reads it from the pipe and unpickles it: about
 three copies of every byte there.  Instead the worker writes the arrays into
 one file in ``/dev/shm`` (one ``pwrite`` per array: the kernel's copy) and only
-their layout is pickled; unpickling maps the file (private, copy on write),
-unlinks it and makes the arrays views of that mapping, so the consumer's
-process copies nothing.  The mapping lives as long as the arrays do, and the
-arrays are writable (copy on write), as unpickled ones were.
+their layout is pickled; unpickling maps the file (private, copy on write) and
+makes the arrays views of that mapping, so the consumer's process copies
+nothing.  The arrays are writable (copy on write), as unpickled ones were.
+
+The file itself is a :class:`BatchFile` in the result's ``shared`` field.  It
+is removed when the result is dropped - or handed on, with
+:meth:`BatchFile.take`, to a same-host client (server/service/slots.py), which
+maps the very pages the worker wrote: the pixels cross no process boundary by
+copy at all.  A mapping outlives the file's name, so removing it never pulls
+memory from under an array.
 
 A file whose batch never arrives (its worker killed after writing it, the
 consumer killed before reading it) is registered with multiprocessing's
@@ -26,6 +32,7 @@ import mmap
 import os
 import secrets
 import time
+import weakref
 from multiprocessing import resource_tracker
 
 import numpy as np
@@ -80,12 +87,47 @@ def share(result: BatchResult) -> SharedBatch | BatchResult:
     return SharedBatch(dataclasses.replace(result, **{f: None for f, _ in arrays}), name, layout)
 
 
+class BatchFile:
+    """A batch's arrays in a file of :data:`SHM_DIR`, removed when this object goes (or by :meth:`remove`)
+    unless its duty to remove the file was handed on with :meth:`take`."""
+
+    def __init__(self, name: str, layout: list[tuple[str, str, tuple[int, ...], int]], size: int):
+        self.name, self.layout, self.size = name, layout, size
+        self.path = os.path.join(SHM_DIR, name)
+        self._finalizer = weakref.finalize(self, _remove, self.path, name)
+
+    @property
+    def fields(self) -> set[str]:
+        return {field for field, *_ in self.layout}
+
+    def take(self) -> bool:
+        """Take over removing the file (call :func:`remove_file` with ``path`` and ``name`` when done).
+        False when the file is gone already or someone else took it."""
+        return self._finalizer.detach() is not None
+
+    def remove(self) -> None:
+        self._finalizer()
+
+
+def write_arrays(arrays: list[tuple[str, np.ndarray]], *, tag: str = "batch") -> BatchFile:
+    """Write ``(field, array)`` pairs into a new file of :data:`SHM_DIR` (OSError where it cannot)."""
+    name = f"degrade-{tag}-{os.getpid()}-{next(_counter)}-{secrets.token_hex(4)}"
+    arrays = [(f, np.ascontiguousarray(a)) for f, a in arrays]
+    layout = _write(name, arrays)
+    return BatchFile(name, layout, sum(a.nbytes for _, a in arrays))
+
+
+def remove_file(path: str, name: str) -> None:
+    """Remove a file taken from a :class:`BatchFile` (no error if it is gone)."""
+    _remove(path, name)
+
+
 def sweep_orphans(older_than: float = ORPHAN_SECONDS) -> list[str]:
     """Remove batch files left by a process tree killed as a whole (the resource tracker with it): older
     than ``older_than`` seconds and made by a process that no longer exists.  Returns their names."""
     removed = []
     try:
-        names = [n for n in os.listdir(SHM_DIR) if n.startswith("degrade-batch-")]
+        names = [n for n in os.listdir(SHM_DIR) if n.startswith(("degrade-batch-", "degrade-slot-", "degrade-probe-"))]
     except OSError:
         return removed
     now = time.time()
@@ -134,12 +176,19 @@ def _remove(path: str, name: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-    resource_tracker.unregister("/" + name, "shared_memory")
+    try:
+        resource_tracker.unregister("/" + name, "shared_memory")
+    except Exception:  # noqa: BLE001 - the tracker is gone (interpreter exit): nothing left to tell it
+        pass
 
 
 def _rebuild(rest: BatchResult, name: str, layout: list[tuple[str, str, tuple[int, ...], int]]) -> BatchResult:
     path = os.path.join(SHM_DIR, name)
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        _remove(path, name)
+        raise
     try:
         size = os.fstat(fd).st_size
         # private and writable: pages are the file's until written (copy on write).  No MAP_POPULATE: on a
@@ -147,7 +196,7 @@ def _rebuild(rest: BatchResult, name: str, layout: list[tuple[str, str, tuple[in
         mapped = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE) if size else b""
     finally:
         os.close(fd)
-        _remove(path, name)  # the mapping stays valid: the memory goes when the arrays do
     arrays = {field: np.frombuffer(mapped, dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
               for field, dtype, shape, offset in layout}
-    return dataclasses.replace(rest, **arrays)
+    # the file stays (named) while the result lives: a same-host client may be handed it (server/service/slots.py)
+    return dataclasses.replace(rest, **arrays, shared=BatchFile(name, layout, size))

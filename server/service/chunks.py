@@ -30,6 +30,7 @@ from server.degradation.engine import BatchResult
 #: PairChunk field numbers (proto/degrade/v1/degrade.proto)
 SEED, EPOCH, BATCH_INDEX, BATCH_SIZE, FIRST_PATCH = 1, 2, 3, 4, 5
 LR, HR, HR_USM, PATCH_IDS, RECORDS_JSON, LAST_CHUNK, BATCH_ERROR, DATASET_FINGERPRINT = 6, 7, 8, 9, 10, 11, 12, 13
+SHARED_MEMORY_PROBE, SLOT = 14, 15
 #: Tensor field numbers
 T_DTYPE, T_SHAPE, T_DATA = 1, 2, 3
 
@@ -87,6 +88,23 @@ class Chunk:
     last: bool          # the batch's final chunk
 
 
+def _patch_fields(result: BatchResult) -> tuple[list[bytes], list[str], list[bytes]]:
+    """Per patch: its encoded id field, its record as JSON text, and that record's encoded field."""
+    ids = [string_field(PATCH_IDS, r["patch_id"]) for r in result.records]
+    records = [json.dumps(r, separators=(",", ":"), default=str) for r in result.records]
+    return ids, records, [string_field(RECORDS_JSON, r) for r in records]
+
+
+def slot_chunk(result: BatchResult, slot: bytes, *, dataset_fingerprint: str = "") -> bytes:
+    """The one PairChunk of a batch whose tensors are in a shared-memory slot (``slot``: a serialized
+    ``SharedSlot``): ids, records and the slot, no tensor bytes (server/service/slots.py)."""
+    ids, _, encoded = _patch_fields(result)
+    head = (uint_field(SEED, result.seed) + uint_field(EPOCH, result.epoch)
+            + uint_field(BATCH_INDEX, result.batch_index) + uint_field(BATCH_SIZE, len(result)))
+    return b"".join([head, *ids, *encoded, uint_field(LAST_CHUNK, 1),
+                     string_field(DATASET_FINGERPRINT, dataset_fingerprint), len_field(SLOT, slot)])
+
+
 def batch_chunks(result: BatchResult, *, include_hr: bool, include_hr_usm: bool, max_chunk_bytes: int,
                  dataset_fingerprint: str = "") -> Iterator[Chunk]:
     """Split one batch into serialized PairChunks of whole patches below ``max_chunk_bytes``
@@ -97,9 +115,7 @@ def batch_chunks(result: BatchResult, *, include_hr: bool, include_hr_usm: bool,
         tensors.append((HR, result.hr))
     if include_hr_usm and result.hr_usm is not None:
         tensors.append((HR_USM, result.hr_usm))
-    ids = [string_field(PATCH_IDS, r["patch_id"]) for r in result.records]
-    records = [json.dumps(r, separators=(",", ":"), default=str) for r in result.records]
-    encoded = [string_field(RECORDS_JSON, r) for r in records]
+    ids, records, encoded = _patch_fields(result)
     per_patch = sum(arr[0].nbytes for _, arr in tensors)
     head = (uint_field(SEED, result.seed) + uint_field(EPOCH, result.epoch)
             + uint_field(BATCH_INDEX, result.batch_index) + uint_field(BATCH_SIZE, n))

@@ -23,7 +23,14 @@ Idle streams: a stream whose client has not accepted a chunk for
 ``idle_stream_seconds`` (it holds a slot and reads nothing) is cancelled with
 ABORTED "stream idle for N s: cancelled to free its slot", counted in
 ``degrade_idle_streams_cancelled_total``.  Time spent waiting for a slot or for
-the pool does not count: only a chunk offered and not taken.
+the pool does not count: only a chunk offered and not taken (or, for a
+same-host client, a stream waiting for it to give slots back).
+
+Same-host clients (server/service/slots.py): a client that asks for shared
+memory and proves it reads the server's ``/dev/shm`` gets each batch as one
+small PairChunk naming a shared-memory slot; the pixels are not sent at all.
+It gives slots back with ``ReleaseSlots``; slots not given back in time, or of
+a stream whose client went away, are removed by the server.
 """
 
 from __future__ import annotations
@@ -49,10 +56,11 @@ from server.degradation.fingerprint import FileDigest, fingerprint
 from server.pipeline.batch import BatchProducer
 
 from .allocator import keep_large_buffers
-from .chunks import batch_chunks
+from .chunks import SHARED_MEMORY_PROBE, batch_chunks, slot_chunk, string_field
 from .fairness import FairShare, QueueFull
 from .metrics import ServiceMetrics
 from .requests import BatchJob, RequestError, resolve_config, validate_batch_request
+from .slots import DEFAULT_PER_STREAM, DEFAULT_TIMEOUT, SlotTable
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +93,7 @@ class _Stream:
     offered_at: float | None = None  # a chunk handed to gRPC and not yet accepted: since when
     cancelled: bool = False
     unsent: int = 0  # batches made for this stream and not yet taken by its sender
+    prefix: bytes = b""  # fields to put in the stream's first message (the shared-memory probe)
 
 
 _DONE = object()
@@ -97,7 +106,9 @@ class DegradeService:
     def __init__(self, producer: BatchProducer, *, dataset_name: str, max_streams: int, max_video_batch: int = 256,
                  metrics: ServiceMetrics | None = None, codec_backends: list[str] | None = None,
                  max_waiting_streams: int | None = None, idle_stream_seconds: float = 60.0,
-                 dataset_files: list[FileDigest] | None = None, cpu_budget: CpuBudget | None = None):
+                 dataset_files: list[FileDigest] | None = None, cpu_budget: CpuBudget | None = None,
+                 shared_memory: bool = True, slot_seconds: float = DEFAULT_TIMEOUT,
+                 slots_per_stream: int = DEFAULT_PER_STREAM):
         keep_large_buffers()  # chunks of a few MB are sent all the time: reuse their memory (allocator.py)
         self._codec_backends = sorted(codec_backends or ["software"])
         #: the dataset fingerprint (server/degradation/fingerprint.py): per-file entries and the hash over them
@@ -120,6 +131,11 @@ class DegradeService:
         #: production tickets: one per batch a stream may have in the pool (workers + prefetch in all)
         self._tickets = FairShare(self.production_capacity)
         self.metrics.waiting_streams.set_function(lambda: self._slots.waiting)
+        #: same-host delivery through shared memory (None: off, every client gets bytes)
+        self.shared = SlotTable(timeout=slot_seconds, per_stream=slots_per_stream,
+                                on_expired=self.metrics.slots_expired.inc) if shared_memory else None
+        self.metrics.slots_leased.set_function(lambda: self.shared.leased if self.shared else 0)
+        self._fallback_warned = False
         self._streams: dict[int, _Stream] = {}
         self._ids = count()
         self._lock = threading.Lock()
@@ -134,8 +150,10 @@ class DegradeService:
         return max(1, self.producer.workers + self.producer.prefetch)
 
     def close(self) -> None:
-        """Stop the idle watchdog (after the gRPC server has stopped)."""
+        """Stop the idle watchdog and remove the shared-memory slots (after the gRPC server has stopped)."""
         self._closed.set()
+        if self.shared is not None:
+            self.shared.close()
 
     # ------------------------------------------------------------------
     def begin_shutdown(self) -> None:
@@ -157,6 +175,8 @@ class DegradeService:
             "GetInfo": grpc.unary_unary_rpc_method_handler(
                 self.get_info, response_serializer=pb.ServerInfo.SerializeToString),
             "StreamBatches": grpc.unary_stream_rpc_method_handler(self.stream_batches, response_serializer=None),
+            "ReleaseSlots": grpc.unary_unary_rpc_method_handler(
+                self.release_slots, response_serializer=pb.SlotReleaseReply.SerializeToString),
         })
 
     # ------------------------------------------------------------------
@@ -194,7 +214,13 @@ class DegradeService:
                            for f in self.dataset_files] if req.include_dataset_files else [],
             config_json=cfg.to_json(), cpu_budget_cores=self.cpu_budget.cores,
             cpu_budget=self.cpu_budget.describe(),
+            shared_memory_probe=(self.shared.probe_path() or "") if self.shared is not None else "",
         )
+
+    def release_slots(self, raw: bytes, context: grpc.ServicerContext) -> pb.SlotReleaseReply:
+        """A same-host client is done with these shared-memory slots."""
+        req = self._parse(raw, pb.SlotRelease, context)
+        return pb.SlotReleaseReply(released=self.shared.release(list(req.leases)) if self.shared else 0)
 
     def codec_backends(self) -> list[str]:
         return list(self._codec_backends)
@@ -294,6 +320,18 @@ class DegradeService:
                     return None
 
     def _serve(self, job: BatchJob, context: grpc.ServicerContext, stream: _Stream) -> Iterator[bytes]:
+        try:
+            yield from self._serve_batches(job, context, stream)
+        finally:
+            if self.shared is not None and not context.is_active():  # the client went away (or was cancelled):
+                self.shared.release_stream(stream.id)                  # the slots it did not give back go now
+
+    def _serve_batches(self, job: BatchJob, context: grpc.ServicerContext, stream: _Stream) -> Iterator[bytes]:
+        shared = self.shared if job.shared_memory else None
+        proved = shared is not None and shared.verify(job.shared_memory_token)
+        if shared is not None and not proved:  # bytes this time; the first message names the probe to read
+            path = shared.probe_path()
+            stream.prefix = string_field(SHARED_MEMORY_PROBE, path) if path else b""
         expected = iter(job.indices)
         out: queue.SimpleQueue = queue.SimpleQueue()
         cond = threading.Condition()
@@ -321,6 +359,21 @@ class DegradeService:
                         break
                     yield from self._offer(stream, self._failed_chunk(job, k))
                 self.metrics.codec_failures.inc(result.codec_failures)
+                if proved:
+                    stream.offered_at = time.monotonic()  # waiting for slots back counts as not taking chunks
+                    room = shared.wait_for_room(stream.id, lambda: stream.cancelled or self._draining.is_set()
+                                                or not context.is_active())
+                    stream.offered_at = None
+                    if not room:
+                        break
+                    msg = self._slot_chunk(job, result, stream)
+                    if msg is not None:
+                        self.metrics.sent(len(result), 0)
+                        self.metrics.batches.inc()
+                        yield from self._offer(stream, msg)
+                        if self._draining.is_set() or not context.is_active():
+                            break
+                        continue
                 for chunk in batch_chunks(result, include_hr=job.include_hr, include_hr_usm=job.include_hr_usm,
                                           max_chunk_bytes=job.max_chunk_bytes,
                                           dataset_fingerprint=self.dataset_fingerprint):
@@ -348,16 +401,45 @@ class DegradeService:
     @staticmethod
     def _offer(stream: _Stream, msg: bytes) -> Iterator[bytes]:
         """Yield one chunk; the idle watchdog sees it as offered until gRPC takes it (the generator resumes)."""
+        if stream.prefix:  # fields for the stream's first message (serialized messages concatenate as a merge)
+            msg, stream.prefix = stream.prefix + msg, b""
         stream.offered_at = time.monotonic()
         yield msg
         stream.offered_at = None
 
+    def _slot_chunk(self, job: BatchJob, result: Any, stream: _Stream) -> bytes | None:
+        """The batch as one PairChunk naming a shared-memory slot leased to ``stream``; None (send bytes)
+        where no slot can be written."""
+        fields = ["lr"] + [f for f, want in (("hr", job.include_hr), ("hr_usm", job.include_hr_usm))
+                           if want and getattr(result, f) is not None]
+        try:
+            file = self.shared.file_for(result, fields)
+        except OSError as exc:
+            self.metrics.slot_fallbacks.inc()
+            if not self._fallback_warned:
+                self._fallback_warned = True
+                log.warning("cannot write a shared-memory slot (%s); sending bytes to same-host clients "
+                            "until it can", exc)
+            return None
+        lease = self.shared.lease(file, stream.id)
+        where = {f: (dtype, shape, offset) for f, dtype, shape, offset in file.layout}
+        slot = pb.SharedSlot(kind="file", path=file.path, lease=lease, size=file.size,
+                             timeout_ms=int(self.shared.timeout * 1000),
+                             tensors=[pb.SlotTensor(name=f, dtype=where[f][0], shape=where[f][1], offset=where[f][2])
+                                      for f in fields])
+        self.metrics.shared_batches.inc()
+        self.metrics.shared_bytes.inc(sum(getattr(result, f).nbytes for f in fields))
+        return slot_chunk(result, slot.SerializeToString(), dataset_fingerprint=self.dataset_fingerprint)
+
     def _watch_idle(self) -> None:
-        """Cancel streams whose client has not accepted a chunk for ``idle_stream_seconds``."""
+        """Cancel streams whose client has not accepted a chunk for ``idle_stream_seconds``; remove
+        shared-memory slots not given back in time."""
         limit = self.idle_stream_seconds
-        if limit <= 0:
-            return
-        while not self._closed.wait(min(1.0, limit / 4)):
+        while not self._closed.wait(min(1.0, limit / 4) if limit > 0 else 1.0):
+            if self.shared is not None:
+                self.shared.expire()
+            if limit <= 0:
+                continue
             now = time.monotonic()
             with self._lock:
                 idle = [s for s in self._streams.values()

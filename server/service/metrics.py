@@ -32,6 +32,18 @@ class ServiceMetrics:
         self.idle_cancelled = Counter("degrade_idle_streams_cancelled",
                                       "streams cancelled because their client accepted no chunk for "
                                       "--idle-stream-seconds", registry=r)
+        self.shared_batches = Counter("degrade_shared_memory_batches",
+                                      "video batches delivered through a same-host shared-memory slot", registry=r)
+        self.shared_bytes = Counter("degrade_shared_memory_bytes",
+                                    "tensor bytes delivered through shared-memory slots (not sent)", registry=r)
+        self.slots_leased = Gauge("degrade_shared_memory_slots",
+                                  "shared-memory slots handed to clients and not given back yet", registry=r)
+        self.slots_expired = Counter("degrade_shared_memory_slots_expired",
+                                     "shared-memory slots removed because their client did not give them back "
+                                     "in time (--slot-seconds)", registry=r)
+        self.slot_fallbacks = Counter("degrade_shared_memory_fallbacks",
+                                      "batches sent as bytes to a same-host client because no slot could be "
+                                      "written (/dev/shm full or missing)", registry=r)
         self.queue = Gauge("degrade_queue_depth", "video batches being made or waiting to be sent", registry=r)
         self.queue.set_function(queue_depth)
         self.skipped = Gauge("degrade_skipped_images", "images of the dataset rejected at scan", registry=r)

@@ -41,6 +41,8 @@ class BatchJob:
     include_hr_usm: bool
     cfg: DegradationConfig
     max_chunk_bytes: int
+    shared_memory: bool = False      # the client asks for same-host delivery (server/service/slots.py)
+    shared_memory_token: bytes = b""  # its proof: the bytes of the server's probe file
 
 
 def resolve_config(base: DegradationConfig, overrides_json: str, *, max_video_batch: int) -> DegradationConfig:
@@ -118,4 +120,5 @@ def validate_batch_request(req: Any, base: DegradationConfig, plan_for: Callable
                               int(req.epoch))
     chunk = int(req.max_chunk_bytes) or DEFAULT_CHUNK_BYTES
     return BatchJob(seed=int(req.seed), epoch=int(req.epoch), indices=indices, include_hr=bool(req.include_hr),
-                    include_hr_usm=bool(req.include_hr_usm), cfg=cfg, max_chunk_bytes=min(chunk, MAX_CHUNK_BYTES))
+                    include_hr_usm=bool(req.include_hr_usm), cfg=cfg, max_chunk_bytes=min(chunk, MAX_CHUNK_BYTES),
+                    shared_memory=bool(req.shared_memory), shared_memory_token=bytes(req.shared_memory_token))

@@ -78,6 +78,8 @@ class ServerConfig:
     store_dir: Path | None = None       # pixel stores; None: $DEGRADE_STORE_DIR, else ~/.cache/vcisr-degrade/stores
     no_store: bool = False              # decode at every use, write no pixel store
     store_max_gb: float | None = None   # None: $DEGRADE_STORE_MAX_GB, else pixel_store.DEFAULT_MAX_GB
+    shared_memory: bool = True          # same-host clients that prove it get slots in /dev/shm, not bytes
+    slot_seconds: float = 60.0          # a slot not given back this long after it was sent is removed
 
     def redacted(self) -> dict:
         d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -215,7 +217,7 @@ def create_server(config: ServerConfig) -> tuple[DegradeServer, int]:
                              max_video_batch=config.max_video_batch, codec_backends=backend_names,
                              max_waiting_streams=config.max_waiting_streams,
                              idle_stream_seconds=config.idle_stream_seconds, dataset_files=dataset_files,
-                             cpu_budget=budget)
+                             cpu_budget=budget, shared_memory=config.shared_memory, slot_seconds=config.slot_seconds)
 
     interceptors = []
     if config.token:
@@ -301,6 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cancel a stream (ABORTED) whose client has accepted no chunk for this long, so a client "
                         "that stopped reading gives its slot back (default %(default)s; 0: never). Waiting for a "
                         "slot or for the pool does not count")
+    p.add_argument("--no-shared-memory", action="store_true",
+                   help="send every client its tensors as bytes. By default a client on this host that proves it "
+                        "reads this server's /dev/shm (same host, same /dev/shm, same user) gets each batch as a "
+                        "shared-memory slot instead: ~1 kB per pair over the socket, no pixel copied by the server")
+    p.add_argument("--slot-seconds", type=float, default=60.0,
+                   help="a shared-memory slot its client has not given back this long after it was sent is "
+                        "removed (a client that died or stopped never holds /dev/shm; default %(default)s)")
     p.add_argument("--drain-seconds", type=float, default=2.0,
                    help="on SIGTERM, seconds of NOT_SERVING before closing (default %(default)s)")
     p.add_argument("--grace-seconds", type=float, default=30.0,
@@ -328,6 +337,8 @@ def config_from_args(args: argparse.Namespace, environ: dict | None = None) -> S
         raise ConfigError("--max-waiting-streams must be 0 or more")
     if args.idle_stream_seconds < 0:
         raise ConfigError("--idle-stream-seconds must be 0 (never) or more")
+    if args.slot_seconds <= 0:
+        raise ConfigError("--slot-seconds must be positive")
     if args.store_max_gb is not None and args.store_max_gb < 0:
         raise ConfigError("--store-max-gb must be 0 or more")
     return ServerConfig(
@@ -339,6 +350,7 @@ def config_from_args(args: argparse.Namespace, environ: dict | None = None) -> S
         pipeline=args.pipeline, cpus=parse_cpus(args.cpus if args.cpus is not None else env.get(CPUS_ENV),
                                                 "--cpus" if args.cpus is not None else f"${CPUS_ENV}"),
         store_dir=args.store_dir, no_store=args.no_store, store_max_gb=args.store_max_gb,
+        shared_memory=not args.no_shared_memory, slot_seconds=args.slot_seconds,
     )
 
 
