@@ -26,6 +26,15 @@ pulled as the wire mode asks, without the client's local work; at thousands of
 pairs per second its figures are the send path's own, whatever the load of the
 machine.  ``/proc`` counts in clock
 ticks (10 ms): a run of ~200 pairs resolves ~0.05 ms per pair.
+
+Each run is made with both **deliveries** (``--delivery``): ``bytes``, the
+tensors over the socket, and ``shared``, the same-host delivery through
+shared-memory slots (server/service/slots.py; only ids, records and the slot
+cross the socket).  In both the client touches every page of every array it
+receives (a trainer reads them all), so the page faults of a shared mapping
+are counted where they happen, in the client.  For ``replay`` with
+``shared``, each replayed batch is a hard link to one file written once, as a
+worker's batch file would be: the main process's figure is the slot's cost.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ from .wire import _commit
 
 MODES = ("full", "lr-hr", "lr")
 PIPELINES = ("batch", "split", "replay")
+DELIVERIES = ("bytes", "shared")
 
 
 def process_cpu_seconds(pid: int) -> tuple[float, float]:
@@ -86,6 +96,23 @@ def _replay_server(video_batch: int, port_q, stop) -> None:
                        rng.integers(0, 256, (n, hr, hr, 3), dtype=np.uint8),
                        [{"patch_id": f"e0/photo{i}.png/{i}_{i}", "params": "x" * 700} for i in range(n)])
 
+    from multiprocessing import resource_tracker
+
+    from server.pipeline import shared_result
+
+    base_file = shared_result.write_arrays([("lr", base.lr), ("hr", base.hr), ("hr_usm", base.hr_usm)])
+    links = iter(range(1 << 62))
+
+    def linked() -> shared_result.BatchFile | None:
+        """A new name for the one file (what a worker's batch file is to the main process): no copy."""
+        name = f"{base_file.name}-{next(links)}"
+        try:
+            os.link(base_file.path, os.path.join(shared_result.SHM_DIR, name))
+        except OSError:
+            return None
+        resource_tracker.register("/" + name, "shared_memory")
+        return shared_result.BatchFile(name, base_file.layout, base_file.size)
+
     class Replay:
         workers, prefetch, in_flight, device = 1, 2, 0, "cpu"
         folder = types.SimpleNamespace(images=[], skipped=[])
@@ -100,7 +127,7 @@ def _replay_server(video_batch: int, port_q, stop) -> None:
         @staticmethod
         def produce(seed, epoch, indices, **kw):
             for k in indices:
-                yield dataclasses.replace(base, seed=seed, epoch=epoch, batch_index=k)
+                yield dataclasses.replace(base, seed=seed, epoch=epoch, batch_index=k, shared=linked())
 
         @staticmethod
         def failure_reason(epoch, index):
@@ -114,6 +141,8 @@ def _replay_server(video_batch: int, port_q, stop) -> None:
     port_q.put(port)
     stop.wait()
     srv.stop(0)
+    service.close()
+    base_file.remove()
 
 
 @contextmanager
@@ -153,12 +182,16 @@ def _client_main(address: str, mode: str, images: str, seed: int, warmup: list, 
             ready.put(True)
             start.wait()
             b0, c0, t0 = client.stats.bytes, os.times(), time.perf_counter()
-            pairs = 0
+            pairs = shared = 0
             for b in client.jobs(seed, jobs):
                 pairs += len(b)
+                shared += b.shared_memory
+                for arr in (b.lr, b.hr, b.hr_usm):  # every page read once, as a trainer would
+                    if arr is not None:
+                        int(arr.reshape(-1)[::4096].sum())
             c1, t1 = os.times(), time.perf_counter()
             out.put({"pairs": pairs, "seconds": t1 - t0, "client_cpu_s": (c1.user - c0.user) + (c1.system - c0.system),
-                     "wire_bytes": client.stats.bytes - b0})
+                     "wire_bytes": client.stats.bytes - b0, "shared_batches": shared})
     except BaseException as exc:  # noqa: BLE001 - the parent reports it
         ready.put(False)
         out.put({"error": f"{type(exc).__name__}: {exc}"})
@@ -221,11 +254,11 @@ def plan_jobs(images: Path, cfg, seed: int, pairs: int, first_epoch: int) -> lis
 
 def table(res: dict) -> str:
     """The figures as a Markdown table (the README's)."""
-    lines = ["| pipeline | wire | kB per pair | server main process, ms CPU per pair (user + sys) | of which idle "
+    lines = ["| pipeline | wire | delivery | kB per pair over the socket | server main process, ms CPU per pair (user + sys) | of which idle "
              "| send ceiling, pairs/s at one core | client process, ms CPU per pair | pairs/s delivered |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for f in res["runs"]:
-        lines.append(f"| {f['pipeline']} | {f['wire']} | {f['kb_per_pair']:.1f} | {f['server_ms_per_pair']:.2f} "
+        lines.append(f"| {f['pipeline']} | {f['wire']} | {f['delivery']} | {f['kb_per_pair']:.2f} | {f['server_ms_per_pair']:.2f} "
                      f"({f['server_user_ms_per_pair']:.2f} + {f['server_sys_ms_per_pair']:.2f}) | "
                      f"{f['server_idle_ms_per_pair']:.2f} | "
                      f"{f['send_ceiling_pairs_per_s']:.0f} | {f['client_ms_per_pair']:.2f} | "
@@ -239,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default=",".join(MODES), help="wire modes (default %(default)s)")
     ap.add_argument("--pipelines", default=",".join(PIPELINES),
                     help="server pipelines, and 'replay': the service alone (default %(default)s)")
+    ap.add_argument("--delivery", default=",".join(DELIVERIES),
+                    help="bytes (over the socket) and/or shared (same-host shared-memory slots) (default %(default)s)")
     ap.add_argument("--pairs", type=int, default=192, help="pairs per measured pull (default %(default)s)")
     ap.add_argument("--replay-pairs", type=int, default=3200,
                     help="pairs per pull from the replaying server (default %(default)s)")
@@ -247,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=Path, default=None, help="HR images (default: the built-in sample photographs)")
     ap.add_argument("--streams", type=int, default=2, help="client streams (default %(default)s)")
     ap.add_argument("--server-arg", action="append", default=[],
-                    help="extra degrade-server argument (repeatable), e.g. --server-arg=--no-shm")
+                    help="extra degrade-server argument (repeatable), e.g. --server-arg=--no-shared-memory")
     ap.add_argument("--client-kw", default="{}", help="extra DegradeClient keyword arguments, a JSON object")
     ap.add_argument("--idle-seconds", type=float, default=10,
                     help="before each pull, measure the server's CPU while idle this long (default %(default)s)")
@@ -256,8 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()]
-    if not modes or set(modes) - set(MODES) or not pipelines or set(pipelines) - set(PIPELINES):
-        ap.error(f"--modes takes {', '.join(MODES)}; --pipelines {', '.join(PIPELINES)}")
+    deliveries = [d.strip() for d in args.delivery.split(",") if d.strip()]
+    if not modes or set(modes) - set(MODES) or not pipelines or set(pipelines) - set(PIPELINES) \
+            or not deliveries or set(deliveries) - set(DELIVERIES):
+        ap.error(f"--modes takes {', '.join(MODES)}; --pipelines {', '.join(PIPELINES)}; "
+                 f"--delivery {', '.join(DELIVERIES)}")
     if not sys.platform.startswith("linux"):
         print("benchmarks.send_path skipped: reads /proc (Linux only)")
         return 0
@@ -285,18 +323,19 @@ def main(argv: list[str] | None = None) -> int:
             serving_ = replay_server(args.video_batch) if replay else server(images, cfg_file, pipeline,
                                                                               args.server_arg)
             with serving_ as (proc, address):
-                for mode in modes:
+                for mode, delivery in [(m, d) for m in modes for d in deliveries]:
                     runs = (replay_jobs if replay else jobs)
+                    kw = {**client_kw, "shared_memory": delivery == "shared"}
                     f = pull(proc.pid, address, mode, images, seed, warmup, runs, args.streams,
-                             {**client_kw, "replay": True} if replay else client_kw, args.timeout,
-                             args.idle_seconds)
-                    f["pipeline"] = pipeline
+                             {**kw, "replay": True} if replay else kw, args.timeout, args.idle_seconds)
+                    f["pipeline"], f["delivery"] = pipeline, delivery
                     results["runs"].append(f)
-                    print(f"{pipeline:<6} {mode:<6} server main {f['server_ms_per_pair']:6.2f} ms/pair "
+                    print(f"{pipeline:<6} {mode:<6} {delivery:<6} server main {f['server_ms_per_pair']:6.2f} ms/pair "
                           f"({f['server_user_ms_per_pair']:.2f} user) "
                           f"(ceiling {f['send_ceiling_pairs_per_s']:7.0f} pairs/s), client "
-                          f"{f['client_ms_per_pair']:6.2f} ms/pair, {f['kb_per_pair']:6.1f} kB/pair, "
-                          f"{f['pairs_per_s']:5.1f} pairs/s ({f['pairs']} pairs)", flush=True)
+                          f"{f['client_ms_per_pair']:6.2f} ms/pair, {f['kb_per_pair']:7.2f} kB/pair, "
+                          f"{f['pairs_per_s']:5.1f} pairs/s ({f['pairs']} pairs, {f['shared_batches']} batches "
+                          "through shared memory)", flush=True)
     print()
     print(table(results))
     if args.json is not None:

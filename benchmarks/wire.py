@@ -18,6 +18,11 @@ on error and on Ctrl-C too.  Needs root and ``ip``/``tc`` (iproute2:
 ``apt-get install -y iproute2``); elsewhere it says why and exits 0.  CI does
 not run it.
 
+The namespaces share this host's /dev/shm, so the client would prove it can
+read the server's shared memory and take the tensors from there (same-host
+delivery, README "Same host"): every client here runs with
+``--no-shared-memory``, so the bytes cross the shaped link.
+
 On a small machine the server and the client share the cores, so a client
 that sharpens or decodes on the CPU takes them from the server's workers; on
 a real trainer that work is on its own GPU/CPUs.
@@ -169,7 +174,8 @@ def pull(net: Link, mode: str, pairs: int, images: Path, timeout: float, streams
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "figures.json"
         cmd = [sys.executable, "-m", "client.cli", "--server", f"{SERVER_IP}:{PORT}", "--wire", mode,
-               "--pairs", str(pairs), "--device", "cpu", "--streams", str(streams), "--json", str(out)]
+               "--pairs", str(pairs), "--device", "cpu", "--streams", str(streams), "--json", str(out),
+               "--no-shared-memory"]  # the link is what is measured (a namespace shares /dev/shm)
         if mode == "lr":
             cmd += ["--hr-root", str(images)]
         if seconds is not None:

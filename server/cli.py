@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-naive", action="store_true", help="skip the PNG + ffmpeg CLI baseline")
     p.add_argument("--skip-delivered", action="store_true", help="skip the gRPC delivery figures")
     p.add_argument("--clients", type=int, default=4, help="client processes of the many-clients figure (default 4)")
+    p.add_argument("--no-shared-memory", action="store_true",
+                   help="the delivered figures with the tensors over the socket (default: through the server's "
+                        "shared memory, as a trainer on its host gets them)")
 
     p = sub.add_parser("demo", help="sample data -> a few hundred pairs (progress bar) -> preview sheet -> "
                                     "the same served over gRPC")
@@ -324,7 +327,8 @@ def cmd_bench(args: argparse.Namespace, cfg: DegradationConfig) -> int:
     folder = open_images(args, cfg)
     return run_bench(folder, cfg, device=args.device, workers=args.workers, pipeline=args.pipeline, runs=args.runs,
                      batches=args.batches, seed=args.seed, json_path=args.json, skip_naive=args.skip_naive,
-                     skip_delivered=args.skip_delivered, clients=args.clients)
+                     skip_delivered=args.skip_delivered, clients=args.clients,
+                     shared_memory=not args.no_shared_memory)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -548,6 +548,16 @@ def _compose_tool(cmd: tuple[str, ...]) -> list[str]:
     return list(cmd)
 
 
+def test_compose_trainer_shares_the_servers_shared_memory_and_a_remote_one_has_its_own():
+    doc = compose()["services"]
+    # same-host delivery: the trainer joins the server's IPC namespace, so it sees the server's /dev/shm
+    assert doc[SERVER]["ipc"] == "shareable" and doc["trainer"]["ipc"] == f"service:{SERVER}"
+    assert "shm_size" not in doc["trainer"]  # a joined namespace has the server's size
+    assert "--no-shared-memory" not in service_argv(doc[SERVER]) + service_argv(doc["trainer"])
+    remote = yaml.safe_load((ROOT / "docker" / "compose.remote-trainer.yaml").read_text())["services"]["trainer"]
+    assert remote["ipc"] == "private" and remote["shm_size"]
+
+
 def _compose_env(**extra: str) -> dict[str, str]:
     """The environment without any DEGRADE_* / COMPOSE_* settings of the person running the tests."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DEGRADE_", "COMPOSE_"))}
@@ -570,6 +580,10 @@ def test_compose_tool_accepts_the_files(cmd, tmp_path):
     # host port ranges, as for `--scale degrade-server=3`
     res = run("config", "-q", DEGRADE_PORT="50051-50053", DEGRADE_METRICS_PORT="9101-9103")
     assert res.returncode == 0, res.stderr
+
+    res = run("-f", str(ROOT / "docker" / "compose.remote-trainer.yaml"), "--profile", "train", "config")
+    assert res.returncode == 0, res.stderr
+    assert yaml.safe_load(res.stdout)["services"]["trainer"]["ipc"] == "private"
 
     over = ["-f", str(COMPOSE_DATASET)]
     res = run(*over, "config", "-q", DEGRADE_IMAGES=str(tmp_path))

@@ -4,7 +4,10 @@ A real ``degrade-server`` runs as a subprocess on the same image folder and
 config (all cores), and each client is its own process pulling its share of
 the very (epoch, batch) jobs the engine figure used, with LR + HR + sharpened
 HR, like the engine figure.  The rate is all pairs received / wall time from a
-common start to the last client's end.
+common start to the last client's end.  The clients are on the server's host,
+so by default (as a trainer there) they take the tensors from its shared
+memory (server/service/slots.py); ``shared_memory=False`` measures the bytes
+over the socket.
 """
 
 from __future__ import annotations
@@ -70,27 +73,31 @@ def serving(cmd: list[str], *, new_session: bool = False) -> Iterator[tuple[subp
 
 
 def _client_main(address: str, seed: int, jobs: list[tuple[int, int]], ready, start, out, streams: int = 2,
-                 group: int = 2) -> None:
+                 group: int = 2, shared_memory: bool = True) -> None:
     from client import DegradeClient
 
-    with DegradeClient(address, streams_per_server=streams, group_size=group) as client:
+    with DegradeClient(address, streams_per_server=streams, group_size=group, shared_memory=shared_memory) as client:
         client.info(seed, 0)  # connect before the clock starts
         ready.put(True)
         start.wait()
-        pairs = nbytes = 0
+        pairs = nbytes = shared = 0
         for b in client.jobs(seed, jobs):  # one run across epoch boundaries, as a trainer's stream
             pairs += len(b)
             nbytes += b.lr.nbytes + b.hr.nbytes + b.hr_usm.nbytes
-        out.put((pairs, nbytes, time.perf_counter()))
+            shared += b.shared_memory
+            for arr in (b.lr, b.hr, b.hr_usm):  # every page read once, as a trainer would (mapped slots fault here)
+                int(arr.reshape(-1)[::4096].sum())
+        out.put((pairs, nbytes, time.perf_counter(), shared))
 
 
 def deliver(address: str, seed: int, jobs: list[tuple[int, int]], clients: int, *, streams: int = 2,
-            group: int = 2) -> dict[str, float]:
+            group: int = 2, shared_memory: bool = True) -> dict[str, float]:
     """Pull ``jobs`` with ``clients`` client processes (jobs dealt round robin); pairs/s and bytes/s."""
     ctx = mp.get_context("spawn")
     ready, start, out = ctx.Queue(), ctx.Event(), ctx.Queue()
     shares = [jobs[i::clients] for i in range(clients)]
-    procs = [ctx.Process(target=_client_main, args=(address, seed, share, ready, start, out, streams, group),
+    procs = [ctx.Process(target=_client_main, args=(address, seed, share, ready, start, out, streams, group,
+                                                              shared_memory),
                          daemon=True)
              for share in shares if share]
     for p in procs:
@@ -106,4 +113,5 @@ def deliver(address: str, seed: int, jobs: list[tuple[int, int]], clients: int, 
     pairs = sum(r[0] for r in results)
     nbytes = sum(r[1] for r in results)
     dt = t_end - t0
-    return {"pairs_per_s": pairs / dt, "bytes_per_s": nbytes / dt, "pairs": pairs, "seconds": dt}
+    return {"pairs_per_s": pairs / dt, "bytes_per_s": nbytes / dt, "pairs": pairs, "seconds": dt,
+            "shared_batches": sum(r[3] for r in results)}

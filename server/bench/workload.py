@@ -212,7 +212,7 @@ def _engine_figures(sources: list[tuple[str, ImageFolder]], cfg: DegradationConf
 def run_bench(folder: ImageFolder, cfg: DegradationConfig, *, device: str = "cpu", workers: int | None = None,
               pipeline: str = "auto", runs: int = 3, batches: int = 2, seed: int = 0, json_path: Path | None = None,
               skip_naive: bool = False, skip_delivered: bool = False, clients: int = 4,
-              compare_folder: bool = True) -> int:
+              compare_folder: bool = True, shared_memory: bool = True) -> int:
     """The standard workload.  When ``folder`` reads a pixel store of an image folder (and
     ``compare_folder``), the engine is measured twice in the run: fed by decoding the folder, then from the
     store; the other figures use the store."""
@@ -249,15 +249,17 @@ def run_bench(folder: ImageFolder, cfg: DegradationConfig, *, device: str = "cpu
         from .delivered import deliver, server_process
 
         with server_process(folder.root, cfg, workers, device, pipeline=main["pipeline"]) as address:
-            deliver(address, seed, groups[0], 1)  # warm-up: the server's worker pool starts
+            deliver(address, seed, groups[0], 1, shared_memory=shared_memory)  # warm-up: the worker pool starts
             for n_clients, key in ((1, "delivered_1"), (max(1, clients), "delivered_n")):
-                got = [deliver(address, seed, group, n_clients) for group in groups[1:]]
+                got = [deliver(address, seed, group, n_clients, shared_memory=shared_memory) for group in groups[1:]]
                 for r, g in enumerate(got, 1):
                     print(f"  delivered run {r} to {n_clients} client(s): {g['pairs']} pairs in {g['seconds']:.2f} s"
-                          f" = {g['pairs_per_s']:.1f} pairs/s, {g['bytes_per_s'] / 1e6:.0f} MB/s", flush=True)
+                          f" = {g['pairs_per_s']:.1f} pairs/s, {g['bytes_per_s'] / 1e6:.0f} MB/s, "
+                          f"{g['shared_batches']} batches through shared memory", flush=True)
                 results[key] = _summary([g["pairs_per_s"] for g in got])
                 results[key]["bytes_per_s"] = statistics.median(g["bytes_per_s"] for g in got)
                 results[key]["clients"] = n_clients
+                results[key]["delivery"] = "shared memory" if all(g["shared_batches"] for g in got) else "bytes"
 
     # the codec stage alone and the naive baseline, on the very frames and parameters the engine used
     one_run = codec_inputs[: max(1, len(codec_inputs) // runs)]
@@ -308,7 +310,8 @@ def _print_table(res: dict[str, Any]) -> None:
         d = res.get(key)
         if e and d:
             print(f"delivered to {d['clients']} client(s) / engine = {d['median'] / e['median']:.2f} "
-                  f"({d['bytes_per_s'] / 1e6:.0f} MB/s of uint8 LR + HR + sharpened HR)")
+                  f"({d['bytes_per_s'] / 1e6:.0f} MB/s of uint8 LR + HR + sharpened HR, "
+                  f"{d.get('delivery', 'bytes')})")
     if e and c:
         print(f"engine / codec limit = {e['median'] / c['median']:.2f}")
     if c and nv:
