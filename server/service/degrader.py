@@ -35,6 +35,7 @@ a stream whose client went away, are removed by the server.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import queue
@@ -67,6 +68,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "degrade.v1.Degrader"
 
 
+@functools.lru_cache(maxsize=1)
 def package_version() -> str:
     try:
         return metadata.version("vcisr-degrade")
