@@ -51,7 +51,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from server.bench.delivered import serving
+from server.bench.delivered import serving, touch_pages
 from .wire import _commit
 
 MODES = ("full", "lr-hr", "lr")
@@ -186,9 +186,7 @@ def _client_main(address: str, mode: str, images: str, seed: int, warmup: list, 
             for b in client.jobs(seed, jobs):
                 pairs += len(b)
                 shared += b.shared_memory
-                for arr in (b.lr, b.hr, b.hr_usm):  # every page read once, as a trainer would
-                    if arr is not None:
-                        int(arr.reshape(-1)[::4096].sum())
+                touch_pages(b)
             c1, t1 = os.times(), time.perf_counter()
             out.put({"pairs": pairs, "seconds": t1 - t0, "client_cpu_s": (c1.user - c0.user) + (c1.system - c0.system),
                      "wire_bytes": client.stats.bytes - b0, "shared_batches": shared})

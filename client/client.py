@@ -302,9 +302,8 @@ class DegradeClient:
                         self.probe(address, timeout)  # slow or gone? its health service says
                     continue
                 self._alive(address, "answered GetInfo")
-                if self.shared_memory and reply.shared_memory_probe:
-                    self.shm.first_ask(address)
-                    self.shm.learn(address, reply.shared_memory_probe)
+                if self.shared_memory:
+                    self._take_probe(address, reply)
                 return reply
             waited = time.monotonic() - max(start, self.last_contact())
             if waited >= self.unreachable_timeout:
@@ -329,8 +328,13 @@ class DegradeClient:
                     timeout=10)
             except grpc.RpcError:  # the stream will tell (and name the probe) all the same
                 return
-            if reply.shared_memory_probe:
-                self.shm.learn(address, reply.shared_memory_probe)
+            self._take_probe(address, reply)
+
+    def _take_probe(self, address: str, reply: pb.ServerInfo) -> None:
+        """What ``address``'s GetInfo says of shared memory: asked once; its probe read, if it names one."""
+        self.shm.first_ask(address)
+        if reply.shared_memory_probe:
+            self.shm.learn(address, reply.shared_memory_probe)
 
     def num_batches(self, seed: int, epoch: int) -> int:
         return int(self.info(seed, epoch).batches_per_epoch)

@@ -72,6 +72,14 @@ def serving(cmd: list[str], *, new_session: bool = False) -> Iterator[tuple[subp
         proc.stdout.close()
 
 
+def touch_pages(batch) -> None:
+    """Read every page of a received batch's arrays once, as a trainer would: a shared-memory slot's mapping
+    faults here, so its cost is counted in the client like the copy out of a byte message."""
+    for arr in (batch.lr, batch.hr, batch.hr_usm):
+        if arr is not None:
+            int(arr.reshape(-1)[::4096].sum())
+
+
 def _client_main(address: str, seed: int, jobs: list[tuple[int, int]], ready, start, out, streams: int = 2,
                  group: int = 2, shared_memory: bool = True) -> None:
     from client import DegradeClient
@@ -85,8 +93,7 @@ def _client_main(address: str, seed: int, jobs: list[tuple[int, int]], ready, st
             pairs += len(b)
             nbytes += b.lr.nbytes + b.hr.nbytes + b.hr_usm.nbytes
             shared += b.shared_memory
-            for arr in (b.lr, b.hr, b.hr_usm):  # every page read once, as a trainer would (mapped slots fault here)
-                int(arr.reshape(-1)[::4096].sum())
+            touch_pages(b)
         out.put((pairs, nbytes, time.perf_counter(), shared))
 
 

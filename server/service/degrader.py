@@ -322,13 +322,6 @@ class DegradeService:
                     return None
 
     def _serve(self, job: BatchJob, context: grpc.ServicerContext, stream: _Stream) -> Iterator[bytes]:
-        try:
-            yield from self._serve_batches(job, context, stream)
-        finally:
-            if self.shared is not None and not context.is_active():  # the client went away (or was cancelled):
-                self.shared.release_stream(stream.id)                  # the slots it did not give back go now
-
-    def _serve_batches(self, job: BatchJob, context: grpc.ServicerContext, stream: _Stream) -> Iterator[bytes]:
         shared = self.shared if job.shared_memory else None
         proved = shared is not None and shared.verify(job.shared_memory_token)
         if shared is not None and not proved:  # bytes this time; the first message names the probe to read
@@ -361,6 +354,7 @@ class DegradeService:
                         break
                     yield from self._offer(stream, self._failed_chunk(job, k))
                 self.metrics.codec_failures.inc(result.codec_failures)
+                slot_msg = None
                 if proved:
                     stream.offered_at = time.monotonic()  # waiting for slots back counts as not taking chunks
                     room = shared.wait_for_room(stream.id, lambda: stream.cancelled or self._draining.is_set()
@@ -368,22 +362,20 @@ class DegradeService:
                     stream.offered_at = None
                     if not room:
                         break
-                    msg = self._slot_chunk(job, result, stream)
-                    if msg is not None:
-                        self.metrics.sent(len(result), 0)
-                        self.metrics.batches.inc()
-                        yield from self._offer(stream, msg)
-                        if self._draining.is_set() or not context.is_active():
-                            break
-                        continue
-                for chunk in batch_chunks(result, include_hr=job.include_hr, include_hr_usm=job.include_hr_usm,
-                                          max_chunk_bytes=job.max_chunk_bytes,
-                                          dataset_fingerprint=self.dataset_fingerprint):
-                    # counted when handed to gRPC, so the counters never lag what a client has seen
-                    self.metrics.sent(len(result) if chunk.last else 0, chunk.tensor_bytes)
-                    if chunk.last:
-                        self.metrics.batches.inc()
-                    yield from self._offer(stream, chunk.data)
+                    slot_msg = self._slot_chunk(job, result, stream)  # None: /dev/shm refused it, bytes instead
+                if slot_msg is not None:
+                    self.metrics.sent(len(result), 0)
+                    self.metrics.batches.inc()
+                    yield from self._offer(stream, slot_msg)
+                else:
+                    for chunk in batch_chunks(result, include_hr=job.include_hr, include_hr_usm=job.include_hr_usm,
+                                              max_chunk_bytes=job.max_chunk_bytes,
+                                              dataset_fingerprint=self.dataset_fingerprint):
+                        # counted when handed to gRPC, so the counters never lag what a client has seen
+                        self.metrics.sent(len(result) if chunk.last else 0, chunk.tensor_bytes)
+                        if chunk.last:
+                            self.metrics.batches.inc()
+                        yield from self._offer(stream, chunk.data)
                 if self._draining.is_set() or not context.is_active():
                     break
         except Exception as exc:  # noqa: BLE001 - the status must say what happened, never UNKNOWN
@@ -396,6 +388,8 @@ class DegradeService:
             stop.set()
             with cond:
                 cond.notify_all()
+            if self.shared is not None and not context.is_active():  # the client went away (or was cancelled):
+                self.shared.release_stream(stream.id)                  # the slots it did not give back go now
         if self._draining.is_set():
             self._reject(context, grpc.StatusCode.UNAVAILABLE,
                          "this server is shutting down; ask another server for the batches not yet received")
